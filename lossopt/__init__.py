@@ -1,0 +1,21 @@
+"""lossopt: learn the hyperparameters λ of linear losses L(θ; λ) = λ·f(θ).
+
+Gradient path: :func:`argmin` (θ*(λ) with its implicit derivative) and :func:`tune` (the outer
+loop, with a projected optax optimizer). See README.md and DESIGN.md.
+"""
+
+from lossopt import constraints, linear, solvers
+from lossopt.descent import hyperdescent
+from lossopt.diagnostics import ConvergenceError, ConvergenceWarning, LinearInfo, SolverInfo
+from lossopt.implicit import Argmin, Hypergradient, argmin
+from lossopt.loss import LinearLoss
+from lossopt.optim import projected
+from lossopt.tune import TuneResult, tune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Argmin", "ConvergenceError", "ConvergenceWarning", "Hypergradient", "LinearInfo", "LinearLoss",
+    "SolverInfo", "TuneResult", "argmin", "constraints", "hyperdescent", "linear", "projected",
+    "solvers", "tune",
+]

@@ -1,0 +1,120 @@
+"""Ready-made tuning problems on real data bundled with scikit-learn (the ``demo`` extra).
+
+``digits-class-weights``: multinomial logistic regression on scikit-learn's handwritten digits
+(1797 images of 8×8 pixels, 10 classes). θ = (W ∈ R^{64×10}, b ∈ R^10), biases unpenalized, and
+
+    f(θ) = (f_0, …, f_9, ½‖W‖²),   f_c = (1/n) Σ_{i: y_i = c} −log softmax(W x_i + b)_{y_i},
+
+so λ = (class weights, L2 weight), k = 11. Σ_c f_c is the usual mean training log loss. Only the
+ratios of λ matter (argmin is scale invariant), so the scale is pinned by fixing the weight of
+class 0 at 1: ``nonnegative() & fixed({"class_0": 1.0})``. The baseline is all class weights 1 and
+scikit-learn's default L2 strength (C = 1, i.e. λ_l2 = 1/n_train). Split (fixed seed 0): a random
+permutation of the 1797 images, 50% train / 25% validation / 25% test; pixels standardized with the
+training mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lossopt.constraints import fixed, nonnegative
+from lossopt.loss import LinearLoss
+
+
+@dataclass
+class Problem:
+    """A tuning problem: everything :func:`lossopt.tune` needs, plus held-out test data."""
+
+    name: str
+    description: str
+    loss: LinearLoss
+    val_loss: Callable[[Any, Any], jax.Array]
+    theta0: Any
+    train: Any
+    val: Any
+    test: Any
+    lam0: np.ndarray  # the untuned baseline
+    constraint: Any
+    metrics: Callable[[Any, Any], dict]  # (theta, data) -> {"log_loss": ..., "accuracy": ...}
+
+
+def _require_sklearn():
+    try:
+        import sklearn.datasets  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "this problem uses data bundled with scikit-learn: pip install 'lossopt[demo]'"
+        ) from None
+    return sklearn.datasets
+
+
+def split(n: int, seed: int = 0, fractions=(0.5, 0.25)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of a fixed-seed random train / validation / test split."""
+    perm = np.random.default_rng(seed).permutation(n)
+    a = int(round(fractions[0] * n))
+    b = a + int(round(fractions[1] * n))
+    return perm[:a], perm[a:b], perm[b:]
+
+
+def standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    mean, std = train.mean(0), train.std(0)
+    std = np.where(std > 0, std, 1.0)
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def softmax_log_loss(theta, X, y):
+    """Per-example −log softmax(X W + b)_y."""
+    logits = X @ theta["W"] + theta["b"]
+    return jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+
+
+def classification_metrics(theta, data) -> dict:
+    X, y = data
+    logits = X @ theta["W"] + theta["b"]
+    return {
+        "log_loss": float(jnp.mean(softmax_log_loss(theta, X, y))),
+        "accuracy": float(jnp.mean(jnp.argmax(logits, axis=1) == y)),
+    }
+
+
+def digits_class_weights(seed: int = 0, dtype=jnp.float64) -> Problem:
+    """The ``lossopt tune`` main job (see the module docstring)."""
+    datasets = _require_sklearn()
+    X, y = datasets.load_digits(return_X_y=True)
+    tr, va, te = split(len(y), seed)
+    Xtr, Xva, Xte = standardize(X[tr], X[va], X[te])
+    n_classes, n = 10, len(tr)
+
+    def features(theta, data):
+        X, y = data
+        per_example = softmax_log_loss(theta, X, y)
+        onehot = jax.nn.one_hot(y, n_classes, dtype=per_example.dtype)
+        per_class = onehot.T @ per_example / y.shape[0]
+        return jnp.concatenate([per_class, 0.5 * jnp.sum(theta["W"] ** 2)[None]])
+
+    def val_loss(theta, data):
+        X, y = data
+        return jnp.mean(softmax_log_loss(theta, X, y))
+
+    names = [f"class_{c}" for c in range(n_classes)] + ["l2"]
+    as_data = lambda X, y: (jnp.asarray(X, dtype), jnp.asarray(y, jnp.int32))  # noqa: E731
+    return Problem(
+        name="digits-class-weights",
+        description=("multinomial logistic regression on scikit-learn's digits; per-class training-"
+                     "loss weights and an L2 weight (k = 11); class_0 fixed at 1"),
+        loss=LinearLoss(features, names=names),
+        val_loss=val_loss,
+        theta0={"W": jnp.zeros((X.shape[1], n_classes), dtype), "b": jnp.zeros(n_classes, dtype)},
+        train=as_data(Xtr, y[tr]), val=as_data(Xva, y[va]), test=as_data(Xte, y[te]),
+        lam0=np.array([1.0] * n_classes + [1.0 / n]),
+        constraint=nonnegative() & fixed({"class_0": 1.0}),
+        metrics=classification_metrics,
+    )
+
+
+PROBLEMS = {"digits-class-weights": digits_class_weights}
