@@ -78,7 +78,7 @@ def classification_metrics(theta, data) -> dict:
     logits = X @ theta["W"] + theta["b"]
     return {
         "log_loss": float(jnp.mean(softmax_log_loss(theta, X, y))),
-        "accuracy": float(jnp.mean(jnp.argmax(logits, axis=1) == y)),
+        "accuracy": float(np.mean(np.asarray(jnp.argmax(logits, axis=1)) == np.asarray(y))),
     }
 
 
