@@ -17,8 +17,9 @@ hypergradient and the validation loss ``value`` at the current λ (the trial poi
 * otherwise it is rejected, and the next trial lies on the segment from the best point towards it,
   at the minimizer of the quadratic through φ(0), φ'(0), φ(1), safeguarded to [0.1, 0.5].
 
-No step moves any z by more than ``max_step`` (a factor e^max_step for a log component). The
-result is a monotone line-search quasi-Newton method (Nocedal & Wright, Alg. 7.5 with a
+Steps are capped by a trust radius on max|Δz|: it halves to the backtracked length after a
+rejection, doubles after an accepted step that used all of it, and never exceeds ``max_step`` (a
+factor e^max_step for a log component). The result is a monotone line-search quasi-Newton method (Nocedal & Wright, Alg. 7.5 with a
 backtracking search) in which every trial point is one inner solve. Wrap it in
 :func:`lossopt.projected` for feasibility; ``tune`` does.
 """

@@ -129,3 +129,29 @@ def test_tune_bad_input():
         lossopt.tune(LOSS, target_val, jnp.zeros(D), DATA, TARGET, np.ones(3), constraint=CONSTRAINT)
     with pytest.raises(ValueError, match=r"lam\[1\].*nan"):
         lossopt.tune(LOSS, target_val, jnp.zeros(D), DATA, TARGET, np.array([1, np.nan, 1, 1, 1.0]))
+
+
+def test_hyperdescent_minimizes_a_smooth_function_without_a_step_size():
+    """V(λ) = Σ (log λ_i − log t_i)² + (λ_3 − 2)²: log components, a linear one, a fixed one."""
+    target = np.array([1e-3, 50.0, 3.0])
+    c = nonnegative() & fixed({"f": 1.0}) & box(lower={"lin": -10.0}, upper={"lin": 10.0})
+    names = ["a", "b", "c", "lin", "f"]
+
+    def value_and_grad(lam):
+        lam = np.asarray(lam)
+        r = np.log(lam[:3]) - np.log(target)
+        v = np.sum(r**2) + (lam[3] - 2.0) ** 2
+        g = np.concatenate([2 * r / lam[:3], [2 * (lam[3] - 2.0)], [0.0]])
+        return v, jnp.asarray(g)
+
+    tx = lossopt.projected(lossopt.hyperdescent(c, names), c, names)
+    lam = jnp.array([1.0, 1.0, 1.0, -5.0, 1.0])
+    state, best = tx.init(lam), np.inf
+    for _ in range(40):
+        v, g = value_and_grad(lam)
+        best = min(best, v)
+        updates, state = tx.update(g, state, lam, value=v)
+        lam = optax.apply_updates(lam, updates)
+        assert float(lam[4]) == 1.0 and float(lam[3]) >= -10.0 and np.all(np.asarray(lam[:3]) > 0)
+    assert best <= 1e-8
+    np.testing.assert_allclose(np.asarray(state.inner.best_z)[:3], np.log(target), atol=1e-4)
