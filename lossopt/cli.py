@@ -1,7 +1,8 @@
 """The ``lossopt`` command.
 
 One subcommand per verb, each a ``cmd_<verb>(args) -> exit code`` function registered by an
-``_add_<verb>(subparsers)`` function (``study`` and ``recommend`` will join ``tune``).
+``_add_<verb>(subparsers)`` function. The black-box verbs ``study`` (create, tell, ask, best,
+export) and ``recommend`` live in :mod:`lossopt.blackbox.commands`.
 
 Exit codes: 0 success, 1 error (message on stderr, never a traceback; set ``LOSSOPT_DEBUG=1`` to
 see it), 2 bad usage (unknown problem, bad option), 130 interrupted.
@@ -354,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     _add_tune(subparsers)
+    from lossopt.blackbox.commands import _add_recommend, _add_study
+
+    _add_study(subparsers)
+    _add_recommend(subparsers)
     return parser
 
 
