@@ -1,7 +1,8 @@
 """lossopt: learn the hyperparameters λ of linear losses L(θ; λ) = λ·f(θ).
 
 Gradient path: :func:`argmin` (θ*(λ) with its implicit derivative) and :func:`tune` (the outer
-loop, with a projected optax optimizer). See README.md and DESIGN.md.
+loop, with a projected optax optimizer). Black-box path: :class:`Study` (ask/tell for training
+done elsewhere, see :mod:`lossopt.blackbox`). See README.md and DESIGN.md.
 """
 
 from lossopt import constraints, linear, solvers
@@ -11,11 +12,12 @@ from lossopt.implicit import Argmin, Hypergradient, argmin
 from lossopt.loss import LinearLoss
 from lossopt.optim import projected
 from lossopt.tune import TuneResult, tune
+from lossopt.blackbox.study import Study, Suggestion
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Argmin", "ConvergenceError", "ConvergenceWarning", "Hypergradient", "LinearInfo", "LinearLoss",
-    "SolverInfo", "TuneResult", "argmin", "constraints", "hyperdescent", "linear", "projected",
-    "solvers", "tune",
+    "SolverInfo", "Study", "Suggestion", "TuneResult", "argmin", "constraints", "hyperdescent",
+    "linear", "projected", "solvers", "tune",
 ]

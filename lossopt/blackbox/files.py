@@ -12,7 +12,8 @@ Columns (CSV header, or the keys of each JSON object):
   (pending rows are skipped); ``id`` (optional): informational, ignored.
 
 Any other column is ignored with an :class:`ObservationsNote` warning. A UTF-8 byte-order mark is
-accepted. Every error names the file, the line and the column. Files are parsed as text — never
+accepted. In JSON Lines the columns are the union of the objects' keys, a key absent from an
+object (or null) is an empty cell, and numbers may also be written as strings. Every error names the file, the line and the column. Files are parsed as text — never
 executed, evaluated or unpickled.
 """
 
@@ -153,7 +154,9 @@ def _csv_records(path: str, text: str) -> Tuple[List[str], int, List[Tuple[int, 
 
 
 def _jsonl_records(path: str, text: str) -> Tuple[List[str], int, List[Tuple[int, dict]]]:
-    header, header_line, rows = None, None, []
+    """The columns are the union of the objects' keys (first line first); a key absent from an
+    object is an empty cell there."""
+    header, header_line, rows, seen = None, None, [], set()
     for line, chunk in enumerate(text.splitlines(), 1):
         if not chunk.strip():
             continue
@@ -168,16 +171,9 @@ def _jsonl_records(path: str, text: str) -> Tuple[List[str], int, List[Tuple[int
             raise ObservationsError(path, line, None, "expected one JSON object {\"val_loss\": "
                                     f"..., \"f_<name>\": ...}} per line, got {type(obj).__name__}")
         if header is None:
-            header, header_line = list(obj), line
-            _check_header(path, header, header_line)
-        else:
-            extra = [key for key in obj if key not in header and (
-                key.startswith(("f_", "lam_")) or key in _KNOWN)]
-            if extra:
-                raise ObservationsError(path, line, extra[0],
-                                        "this key is not among the columns of the first row "
-                                        f"(line {header_line}); every row needs the same "
-                                        "columns")
+            header, header_line = [], line
+        header.extend(key for key in obj if key not in seen)
+        seen.update(obj)
         rows.append((line, obj))
     return header, header_line, rows
 
