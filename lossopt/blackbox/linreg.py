@@ -49,6 +49,8 @@ from lossopt.constraints import BoundConstraint
 
 __all__ = ["LinRegFit", "learn_linreg"]
 
+FULL_LP_SIZE = 200_000  # m·k up to which the LP takes every observation at once
+CG_START, CG_STEP, CG_MAX_ROWS = 100, 100, 600  # constraint generation beyond that
 _HIGHS = dict(primal_feasibility_tolerance=1e-10, dual_feasibility_tolerance=1e-10)
 
 
@@ -61,6 +63,7 @@ class LinRegFit(NamedTuple):
     beta: float
     slack: float  # Σ_i (λ·f_i − alpha·v_i − beta) / alpha, in units of v
     tried: int  # how many candidate models i* were tried (1 = the best one)
+    exact: bool  # False when the size cap of constraint generation stopped it early
 
 
 class _Scaled:
@@ -170,7 +173,7 @@ class _LP:
         A_ub, b_ub = sparse.vstack(A, format="csr"), np.concatenate(b)
         A_eq = _rows_matrix(self.eq_rows, k, tcol, n_var)
         b_eq = np.zeros(len(self.eq_rows))
-        bounds = list(zip(self.vlo, self.vhi)) + [(None, None)]
+        bounds = list(zip(self.vlo, self.vhi)) + [(None, 0.0)]  # β̃ <= 0: the sum of all fit rows
         if with_t:
             bounds.append((self.t_min, None))
         c = np.zeros(n_var)
@@ -205,17 +208,16 @@ class _LP:
         or None when infeasible."""
         sc = self.sc
         m, k = sc.m, sc.k
+        exact = True
         if rows is not None:
             fit_idx, arg_idx = rows
-        elif m * k <= 200_000:
+        elif m * k <= FULL_LP_SIZE:
             fit_idx, arg_idx = np.arange(m), np.flatnonzero(self.arg_ok)
-        else:
-            p = max(50, min(m, 100))
-            order = np.argsort(sc.u, kind="stable")
-            fit_idx = np.unique(np.concatenate([order[:p], order[-p:], [self.istar]]))
+        else:  # constraint generation from the best observations and the models nearest i*
+            fit_idx = np.union1d(np.argsort(sc.u, kind="stable")[:CG_START], [self.istar])
             dist = np.abs(self.D).sum(1)
             dist[~self.arg_ok] = np.inf
-            arg_idx = np.sort(np.argsort(dist, kind="stable")[:p])
+            arg_idx = np.sort(np.argsort(dist, kind="stable")[:CG_START])
             arg_idx = arg_idx[self.arg_ok[arg_idx]]
         while True:
             c, A_ub, b_ub, A_eq, b_eq, bounds = self._build(fit_idx, arg_idx, face)
@@ -233,9 +235,12 @@ class _LP:
             new_arg = np.setdiff1d(np.flatnonzero(arg_viol > tol), arg_idx)
             if not new_fit.size and not new_arg.size:
                 break
-            q = max(50, k // 4)
-            fit_idx = np.union1d(fit_idx, new_fit[np.argsort(-fit_viol[new_fit])[:q]])
-            arg_idx = np.union1d(arg_idx, new_arg[np.argsort(-arg_viol[new_arg])[:q]])
+            if len(fit_idx) + len(arg_idx) >= CG_MAX_ROWS:
+                exact = False  # deterministic cap on the LP's size: an approximate answer
+                break
+            fit_idx = np.union1d(fit_idx, new_fit[np.argsort(-fit_viol[new_fit])[:CG_STEP]])
+            arg_idx = np.union1d(arg_idx, new_arg[np.argsort(-arg_viol[new_arg])[:CG_STEP]])
+        self.exact = exact
         if face is not None:
             return x, fit_idx, arg_idx, None
         dual = np.abs(res.ineqlin.marginals)
@@ -263,6 +268,8 @@ def learn_linreg(features, values, bound: BoundConstraint, *, max_models: int = 
     m, k = F.shape
     if m < 2:
         return None
+    if m * k > FULL_LP_SIZE:
+        max_models = min(max_models, 3)
     sc = _Scaled(F, v, bound)
     baseline = float(np.sum(sc.u.max() - sc.u))  # slack of λ̃ = 0, β̃ = −max u
     if baseline <= 0:
@@ -292,7 +299,8 @@ def learn_linreg(features, values, bound: BoundConstraint, *, max_models: int = 
         slack = -m * x[k]
         if slack >= baseline * (1 - 1e-9):
             continue  # uninformative: λ·f says nothing about v
-        if center:
+        exact = lp.exact
+        if center and exact:
             out2 = lp.solve(face=face, rows=(fit_idx, arg_idx))
             if out2 is not None:
                 x = out2[0]
@@ -306,11 +314,11 @@ def learn_linreg(features, values, bound: BoundConstraint, *, max_models: int = 
             continue
         c = float(np.sum(np.abs(lam)) / np.sum(np.abs(lam_n))) if sc.cone else 1.0
         g = F @ lam_n
-        if g[istar] > g.min() + 1e-9 * (np.abs(g).max() + 1e-300):
+        if exact and g[istar] > g.min() + 1e-9 * (np.abs(g).max() + 1e-300):
             continue  # rounding destroyed the argmin property (degenerate)
         alpha = 1.0 / (t * sc.vs * c)  # λ̃ = λ/α in the scaled units, undone
         beta = float(np.min(g - alpha * v))
         slack_v = float(np.sum(g - alpha * v - beta) / alpha)
         lam = lam_n
-        return LinRegFit(lam, int(istar), float(alpha), beta, slack_v, tried)
+        return LinRegFit(lam, int(istar), float(alpha), beta, slack_v, tried, exact)
     return None

@@ -1,0 +1,224 @@
+"""The black-box recommender: LearnLinReg recovery, feasibility, distinctness, a finite pool of
+models, bad input, determinism."""
+
+import numpy as np
+import pytest
+
+from lossopt.blackbox import linreg
+from lossopt.blackbox.recommend import learn_linreg, normalize, recommend
+from lossopt.blackbox.space import design
+from lossopt.constraints import box, fixed, nonnegative, simplex
+
+K = 6
+CONSTRAINTS = {
+    "nonnegative": nonnegative(),
+    "fixed": nonnegative() & fixed({"c0": 1.0}),
+    "box": box(0.01, 10.0),
+    "simplex": simplex(),
+    "box-fixed": box(0.0, 5.0) & fixed({"c2": 2.0}),
+    "signed": box(-3.0, 3.0) & fixed({"c0": 1.0}),
+    "simplex-capped": simplex(total=2.0) & box(0.0, 0.6),
+}
+
+
+def bind(name, k=K):
+    return CONSTRAINTS[name].bind(k, [f"c{j}" for j in range(k)])
+
+
+def up_to_scale(a, b):
+    return np.max(np.abs(a / np.abs(a).sum() - b / np.abs(b).sum()))
+
+
+def perfect_data(bound, rng, m):
+    """v = c·λ*·f + const exactly, features on very different scales, negative values."""
+    lam = normalize(bound.project(rng.uniform(0.2, 2.0, bound.k)), bound)
+    lam = np.asarray(lam)
+    F = rng.normal(size=(m, bound.k)) * np.logspace(-2, 2, bound.k) + 3.0
+    return lam, F, 2.5 * F @ lam - 40.0
+
+
+@pytest.mark.parametrize("name", ["nonnegative", "fixed", "box", "simplex"])
+def test_perfect_linear_loss_is_recovered_from_k_plus_1_observations(name):
+    bound = bind(name)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        lam, F, v = perfect_data(bound, rng, K + 1)
+        fit = learn_linreg(F, v, bound)
+        assert fit is not None and fit.exact
+        assert up_to_scale(fit.lam, lam) < 1e-6
+        assert fit.index == int(np.argmin(v))
+        assert abs(fit.slack) < 1e-6 * np.ptp(v)
+        # λ·f_i >= α v_i + β holds with equality everywhere for a perfect fit
+        np.testing.assert_allclose(F @ fit.lam, fit.alpha * v + fit.beta,
+                                   atol=1e-6 * np.abs(F @ fit.lam).max())
+        if name == "fixed":
+            assert fit.lam[0] == 1.0 and np.max(np.abs(fit.lam - lam)) < 1e-6 * lam.max()
+
+
+def test_recovery_does_not_depend_on_row_order_or_duplicates():
+    bound = bind("fixed")
+    rng = np.random.default_rng(2)
+    lam, F, v = perfect_data(bound, rng, K + 1)
+    perm = rng.permutation(K + 1)
+    F2, v2 = np.vstack([F[perm], F[:2]]), np.concatenate([v[perm], v[:2]])
+    fit = learn_linreg(F2, v2, bound)
+    assert up_to_scale(fit.lam, lam) < 1e-6
+    assert v2[fit.index] == v.min()
+
+
+def test_constraint_generation_gives_the_full_lp_answer(monkeypatch):
+    bound = bind("nonnegative", k=12)
+    rng = np.random.default_rng(3)
+    F = rng.normal(size=(80, 12))
+    v = F @ rng.uniform(0, 1, 12) + 0.3 * rng.normal(size=80)
+    full = learn_linreg(F, v, bound, center=False)
+    monkeypatch.setattr(linreg, "FULL_LP_SIZE", 0)
+    monkeypatch.setattr(linreg, "CG_START", 4)
+    monkeypatch.setattr(linreg, "CG_STEP", 3)
+    reduced = learn_linreg(F, v, bound, center=False)
+    assert reduced.exact and reduced.index == full.index
+    assert reduced.slack == pytest.approx(full.slack, rel=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRAINTS))
+@pytest.mark.parametrize("m", [0, 1, 3, K + 4])
+def test_recommendations_are_feasible_normalized_and_distinct(name, m):
+    bound = bind(name)
+    rng = np.random.default_rng(4)
+    F = rng.normal(size=(m, K)) + 2.0
+    v = F @ rng.uniform(0, 1, K) + 0.1 * rng.normal(size=m)
+    avoid = design(bound, np.random.default_rng(5), 3)
+    out = recommend(F, v, bound, rng=rng, n=5, avoid=avoid)
+    assert out.shape == (5, K)
+    rows = np.vstack([avoid, out])
+    for i, lam in enumerate(out):
+        bound.check(lam)
+        np.testing.assert_allclose(normalize(lam, bound), lam, rtol=1e-12)
+    for i in range(len(avoid), len(rows)):
+        for j in range(i):
+            assert not np.allclose(rows[i], rows[j], rtol=1e-6, atol=0), (i, j)
+
+
+def test_normalize():
+    cone = bind("nonnegative")
+    np.testing.assert_allclose(normalize([1.0, 3.0, 0, 0, 0, 4.0], cone),
+                               [0.125, 0.375, 0, 0, 0, 0.5])
+    signed_cone = box(-np.inf, np.inf).bind(3)
+    np.testing.assert_allclose(normalize([[-1.0, 3.0, 0.0]], signed_cone), [[-0.25, 0.75, 0.0]])
+    pinned = bind("fixed")
+    np.testing.assert_array_equal(normalize([1.0, 3.0, 0, 0, 0, 4.0], pinned),
+                                  [1.0, 3.0, 0, 0, 0, 4.0])
+    with pytest.raises(ValueError, match="nonzero"):
+        normalize(np.zeros(K), cone)
+
+
+def test_avoid_is_compared_after_normalization():
+    bound = bind("nonnegative")
+    rng = np.random.default_rng(6)
+    lam, F, v = perfect_data(bound, rng, K + 1)
+    first = recommend(F, v, bound, rng=np.random.default_rng(0))[0]
+    assert up_to_scale(first, lam) < 1e-6  # the LP's answer when nothing is avoided
+    again = recommend(F, v, bound, rng=np.random.default_rng(0), avoid=[7.0 * first])[0]
+    assert up_to_scale(again, lam) > 1e-4  # 7λ is λ: something else is proposed
+
+
+def test_single_point_constraint_is_refused():
+    with pytest.raises(ValueError, match="single"):
+        recommend(np.zeros((0, 2)), [], fixed({0: 1.0, 1: 2.0}).bind(2),
+                  rng=np.random.default_rng(0))
+
+
+def test_initial_design_is_log_uniform_within_bounds():
+    bound = bind("fixed")
+    X = design(bound, np.random.default_rng(0), 4000)
+    assert np.all(X[:, 0] == 1.0) and np.all(X[:, 1:] > 0)
+    logs = np.log10(X[:, 1:])
+    assert logs.min() >= -3 and logs.max() <= 3
+    assert np.mean(logs) == pytest.approx(0.0, abs=0.05)  # centred on the fixed scale
+    assert np.mean(np.abs(logs) < 1.5) == pytest.approx(0.5, abs=0.03)  # uniform in log
+    boxed = design(bind("box"), np.random.default_rng(0), 4000)
+    assert boxed.min() >= 0.01 and boxed.max() <= 10.0
+
+
+def test_deterministic_for_a_seed():
+    bound = bind("fixed")
+    rng = np.random.default_rng(7)
+    F = rng.normal(size=(5, K))
+    v = rng.normal(size=5)
+    a = recommend(F, v, bound, rng=np.random.default_rng(3), n=4)
+    b = recommend(F, v, bound, rng=np.random.default_rng(3), n=4)
+    c = recommend(F[:0], v[:0], bound, rng=np.random.default_rng(4), n=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def sphere_pool(rng, n_models, k, noise):
+    """Models whose features lie on a sphere's lower orthant: every model is the minimizer of
+    λ·f for λ = its direction, so the argmin over the pool is exact and every model achievable."""
+    U = np.abs(rng.normal(size=(n_models, k)))
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    F = 2.0 - U
+    lam_true = rng.uniform(0, 1, k) ** 2
+    v = F @ lam_true / lam_true.sum() + noise * rng.normal(size=n_models)
+    return F, v
+
+
+def trainings_to_best(F, v, bound, rng, propose, budget):
+    best = v.min()
+    feats, vals, tried = [], [], []
+    for t in range(1, budget + 1):
+        lam = propose(np.array(feats).reshape(-1, F.shape[1]), np.array(vals), rng, tried)
+        tried.append(lam)
+        i = int(np.argmin(F @ lam))
+        feats.append(F[i]), vals.append(v[i])
+        if v[i] <= best:
+            return t
+    return budget + 1
+
+
+def test_finite_pool_reaches_the_best_model_faster_than_random_search():
+    k, bound = 8, nonnegative().bind(8)
+    ours, rand = [], []
+    for seed in range(5):
+        F, v = sphere_pool(np.random.default_rng(100 + seed), 400, k, noise=0.002)
+        ours.append(trainings_to_best(
+            F, v, bound, np.random.default_rng(seed),
+            lambda f, y, r, tried: recommend(f, y, bound, rng=r, avoid=tried or None)[0], 200))
+        rand.append(trainings_to_best(
+            F, v, bound, np.random.default_rng(seed),
+            lambda f, y, r, tried: design(bound, r, 1)[0], 200))
+    assert max(ours) <= 200  # every run reached the pool's best model
+    assert np.median(ours) < np.median(rand)
+
+
+def test_bad_input_names_row_and_column():
+    bound = bind("fixed")
+    rng = np.random.default_rng(0)
+    F = np.ones((4, K))
+    v = np.arange(4.0)
+    F_nan = F.copy()
+    F_nan[2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"features row 2, column 3 \('c3'\)"):
+        recommend(F_nan, v, bound, rng=rng)
+    F_inf = F.copy()
+    F_inf[1, 0] = -np.inf
+    with pytest.raises(ValueError, match="row 1, column 0"):
+        learn_linreg(F_inf, v, bound)
+    with pytest.raises(ValueError, match="values row 3"):
+        recommend(F, [0.0, 1.0, 2.0, np.inf], bound, rng=rng)
+    with pytest.raises(ValueError, match="5 columns .* k = 6"):
+        recommend(np.ones((4, 5)), v, bound, rng=rng)
+    with pytest.raises(ValueError, match="4 rows but values has 3"):
+        recommend(F, v[:3], bound, rng=rng)
+    with pytest.raises(ValueError, match="row 1 has length 5"):
+        recommend([[1.0] * K, [1.0] * 5], [0.0, 1.0], bound, rng=rng)
+    with pytest.raises(ValueError, match="avoid row 0, column 1"):
+        recommend(F, v, bound, rng=rng, avoid=[[1.0, np.nan, 1, 1, 1, 1]])
+    with pytest.raises(TypeError, match="numeric"):
+        recommend([["a"] * K], [0.0], bound, rng=rng)
+    with pytest.raises(TypeError, match="Generator"):
+        recommend(F, v, bound, rng=0)
+    with pytest.raises(TypeError, match="BoundConstraint"):
+        recommend(F, v, nonnegative(), rng=rng)
+    with pytest.raises(ValueError, match="positive integer"):
+        recommend(F, v, bound, rng=rng, n=0)
