@@ -42,6 +42,8 @@ def test_round_trip_create_tell_ask_best_export(tmp_path, capsys):
     assert code == 0
     created = json.loads(out)
     assert created["k"] == 3 and created["names"] == ["a", "b", "c"] and created["seed"] == 3
+    assert created["constraint"] == {"lower": [1.0, 0.01, 0.0], "upper": [1.0, 100.0, None],
+                                     "sum_mask": None, "total": None}
 
     code, out, err = run(capsys, "study", "tell", db, csv_in)
     assert code == 0 and json.loads(out) == {"told": [0, 1, 2]}

@@ -246,8 +246,10 @@ def cmd_study_create(args: argparse.Namespace) -> int:
         check_k(k, "--k")
     constraint.bind(len(names) if names is not None else k, names)
     study = Study(k=k, names=names, constraint=constraint, storage=args.storage, seed=args.seed)
+    from lossopt.blackbox.storage import bound_to_json
+
     _print_json({"created": args.storage, "k": study.k, "names": list(study.names),
-                 "constraint": repr(study.constraint), "seed": study.seed})
+                 "constraint": bound_to_json(study.constraint), "seed": study.seed})
     study.close()
     return 0
 
