@@ -102,7 +102,8 @@ def test_csv_errors_name_line_and_column(tmp_path, text, line, column, problem):
 JSONL_ERRORS = [
     ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": NaN, "f_a": 1}\n', 2, "val_loss", "nan is not"),
     ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4, "f_a": Infinity}\n', 2, "f_a", "inf is not"),
-    ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4, "f_a": "one"}\n', 2, "f_a", "'one' is not a number"),
+    ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4, "f_a": "one"}\n', 2, "f_a",
+     "'one' is not a number"),
     ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4, "f_a": null}\n', 2, "f_a", "missing value"),
     ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4}\n', 2, "f_a", "missing value"),
     ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4, "f_a": 1, "f_b": 2}\n', 1, "f_b",

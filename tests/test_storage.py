@@ -15,8 +15,8 @@ from lossopt.constraints import box, fixed, nonnegative, simplex
 # Children are forked: they inherit the imported modules (no second JAX import) and never touch
 # JAX; each opens its own SQLite connection (the storage reconnects when the pid changes).
 FORK = mp.get_context("fork")
-pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning",
-                                        "ignore:This process .* is multi-threaded:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:os.fork:RuntimeWarning", "ignore:This process .* is multi-threaded:DeprecationWarning")
 
 
 def test_reopen_by_path_keeps_names_constraint_seed_and_trials(tmp_path):

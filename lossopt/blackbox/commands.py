@@ -328,10 +328,6 @@ def cmd_study_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_study(args: argparse.Namespace) -> int:  # pragma: no cover - argparse dispatches
-    return args.func(args)
-
-
 # ----------------------------------------------------------------------------- recommend
 RECOMMEND_DESCRIPTION = """\
 Recommend the next λ to train with from a file of observations (no state kept): prints

@@ -13,7 +13,8 @@ Columns (CSV header, or the keys of each JSON object):
 
 Any other column is ignored with an :class:`ObservationsNote` warning. A UTF-8 byte-order mark is
 accepted. In JSON Lines the columns are the union of the objects' keys, a key absent from an
-object (or null) is an empty cell, and numbers may also be written as strings. Every error names the file, the line and the column. Files are parsed as text — never
+object (or null) is an empty cell, and numbers may also be written as strings. Every error names
+the file, the line and the column. Files are parsed as text — never
 executed, evaluated or unpickled.
 """
 
@@ -83,7 +84,8 @@ class Observations:
     def k(self) -> int:
         return len(self.names)
 
-    def rows(self) -> List[Tuple[Optional[np.ndarray], Optional[float], Optional[np.ndarray], bool]]:
+    def rows(self) -> List[Tuple[Optional[np.ndarray], Optional[float], Optional[np.ndarray],
+                                 bool]]:
         """(features or None, value or None, lam or None, failed) per row."""
         out = []
         for f, v, lam, bad in zip(self.features, self.values, self.lams, self.failed):
@@ -283,8 +285,8 @@ def _parse(path: str, records, names: Optional[Sequence[str]]) -> Observations:
         warnings.warn(note, ObservationsNote, stacklevel=3)
     if not keep.any():
         raise ObservationsError(path, None, None,
-                                f"no data rows (only a header{', and pending rows' if pending else ''}"
-                                f"); {EMPTY_HINT}")
+                                "no data rows (only a header"
+                                f"{', and pending rows' if pending else ''}); {EMPTY_HINT}")
     arrays = [features[keep], values[keep], lams[keep], failed[keep], lines[keep]]
     for a in arrays:
         a.setflags(write=False)

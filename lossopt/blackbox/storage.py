@@ -428,7 +428,8 @@ class SQLiteStorage(Storage):
 
 def open_storage(storage: "None | str | os.PathLike[str] | Storage", *,
                  create: bool = True) -> Storage:
-    """None → a new :class:`InMemoryStorage`; a path → :class:`SQLiteStorage`; a Storage → itself."""
+    """None → a new :class:`InMemoryStorage`; a path → :class:`SQLiteStorage`; a Storage →
+    itself."""
     if storage is None:
         return InMemoryStorage()
     if isinstance(storage, Storage):
