@@ -165,7 +165,9 @@ def argmin(loss: LinearLoss, solver=None, linear_solver=None, on_unconverged: st
 
     Args:
       loss: the :class:`lossopt.LinearLoss`.
-      solver: inner solver (default :class:`lossopt.solvers.LBFGS`, tolerance by dtype).
+      solver: inner solver (default :class:`lossopt.solvers.LBFGS`, tolerance by dtype; for a
+        loss with ``prox`` terms :class:`lossopt.proxgrad.FISTA`, differentiated through the
+        proximal fixed point by :mod:`lossopt.implicit_prox`).
       linear_solver: adjoint solver (default :class:`lossopt.linear.CG`).
       on_unconverged: ``"warn"`` | ``"raise"`` | ``"ignore"`` — what happens when the inner or the
         adjoint solve misses its tolerance (see :mod:`lossopt.diagnostics`).
@@ -174,4 +176,8 @@ def argmin(loss: LinearLoss, solver=None, linear_solver=None, on_unconverged: st
       ``solve`` with ``solve(lam, theta0, data) -> theta``, ``solve.with_info(...) -> (theta, info)``
       and ``solve.value_and_hypergrad(val_loss, lam, theta0, data, val_data)``.
     """
+    if isinstance(loss, LinearLoss) and loss.prox:  # nonsmooth terms: the proximal fixed point
+        from lossopt.implicit_prox import ProxArgmin
+
+        return ProxArgmin(loss, solver, linear_solver, on_unconverged)
     return Argmin(loss, solver, linear_solver, on_unconverged)

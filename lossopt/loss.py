@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lossopt.prox import as_term
+
 
 def default_names(k: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(k))
@@ -21,8 +23,10 @@ class LinearLoss:
         pytrees. Each component is one term of the loss (a regularizer's value, the training loss
         on one class, under one augmentation...).
       names: one name per component (default ``"0" .. "k-1"``). Constraints and reports use them.
-      prox: ``{name or index: proximal operator}`` for nonsmooth components (reserved for the
-        nonsmooth solvers; stored as given).
+      prox: ``{name or index (or a tuple / range of them): term}`` for nonsmooth components,
+        e.g. ``{"l1": lossopt.prox.l1}`` (see :mod:`lossopt.prox`); stored as given. A loss with
+        prox terms is solved by proximal gradient and differentiated through its proximal fixed
+        point (:mod:`lossopt.implicit_prox`); ``features`` still returns those components' values.
     """
 
     def __init__(
@@ -43,6 +47,8 @@ class LinearLoss:
                 raise ValueError(f"duplicate feature names: {dup}")
         self.names = names
         self.prox = dict(prox or {})
+        for key, term in self.prox.items():  # fail here, not at the first solve
+            as_term(term, key)
 
     def __repr__(self) -> str:
         return f"LinearLoss({getattr(self.features, '__name__', self.features)!r}, names={self.names})"

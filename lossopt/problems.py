@@ -153,4 +153,62 @@ def digits_class_weights(seed: int = 0, dtype=jnp.float64) -> Problem:
     )
 
 
-PROBLEMS = {"digits-class-weights": digits_class_weights}
+def binary_log_loss(theta, X, y):
+    """Per-example logistic loss log(1 + e^z) − y·z, z = X w + b."""
+    z = X @ theta["w"] + theta["b"]
+    return jnp.logaddexp(0.0, z) - y * z
+
+
+def binary_metrics(theta, data) -> dict:
+    X, y = data
+    z = X @ theta["w"] + theta["b"]
+    return {
+        "log_loss": float(jnp.mean(binary_log_loss(theta, X, y))),
+        "accuracy": float(np.mean(np.asarray(z > 0) == (np.asarray(y) > 0.5))),
+        "nonzero": int(np.count_nonzero(np.asarray(theta["w"]))),
+    }
+
+
+def logreg_l1l2(seed: int = 0, dtype=jnp.float64) -> Problem:
+    """The ``lossopt tune`` main job: L1 + L2 logistic regression (seed example 1).
+
+    Data: :func:`breast_cancer_interactions` (284 / 142 / 143 rows, 465 standardized features:
+    30 measurements and their 435 pairwise products). θ = (w ∈ R⁴⁶⁵, b), bias unpenalized, and
+
+        f(θ) = (‖w‖₁, ½‖w‖², mean training log loss),   λ = (l1, l2, data),  k = 3.
+
+    ``l1`` is a prox term (``lossopt.prox.l1(on="w")``): the inner problem is solved by FISTA and
+    differentiated through its proximal fixed point. The scale is pinned by the data weight:
+    ``nonnegative() & fixed({"data": 1.0})``. Baseline λ0 = (0.5/n, 0.5/n, 1) with n = 284: exactly
+    scikit-learn's ``LogisticRegression(penalty="elasticnet", l1_ratio=0.5, C=1)``.
+    """
+    from lossopt.prox import l1
+
+    s = breast_cancer_interactions(seed)
+    n = len(s.train[1])
+
+    def features(theta, data):
+        X, y = data
+        w = theta["w"]
+        return jnp.stack([jnp.sum(jnp.abs(w)), 0.5 * jnp.sum(w * w),
+                          jnp.mean(binary_log_loss(theta, X, y))])
+
+    def val_loss(theta, data):
+        return jnp.mean(binary_log_loss(theta, *data))
+
+    as_data = lambda X, y: (jnp.asarray(X, dtype), jnp.asarray(y, dtype))  # noqa: E731
+    return Problem(
+        name="logreg-l1l2",
+        description=("L1 + L2 logistic regression on scikit-learn's breast cancer data with 465 "
+                     "interaction features; λ = (l1, l2, data), data fixed at 1"),
+        loss=LinearLoss(features, names=["l1", "l2", "data"], prox={"l1": l1(on="w")}),
+        val_loss=val_loss,
+        theta0={"w": jnp.zeros(s.train[0].shape[1], dtype), "b": jnp.zeros((), dtype)},
+        train=as_data(*s.train), val=as_data(*s.val), test=as_data(*s.test),
+        lam0=np.array([0.5 / n, 0.5 / n, 1.0]),
+        constraint=nonnegative() & fixed({"data": 1.0}),
+        metrics=binary_metrics,
+    )
+
+
+PROBLEMS = {"logreg-l1l2": logreg_l1l2, "digits-class-weights": digits_class_weights}
