@@ -44,6 +44,7 @@ class ProxArgmin(Argmin):
                             f"them (e.g. lossopt.proxgrad.FISTA), got {solver!r}")
         self._terms = {key: as_term(value, key) for key, value in loss.prox.items()}
         self._penalties: dict = {}
+        self._checked: set = set()
         super().__init__(loss, solver, CG() if linear_solver is None else linear_solver, on_unconverged)
 
     # ---------------------------------------------------------------- pieces
@@ -53,6 +54,32 @@ class ProxArgmin(Argmin):
         if key not in self._penalties:
             self._penalties[key] = Penalty(self._terms, theta, k, self.loss.names_for(k))
         return self._penalties[key]
+
+    def _validate(self, lam, theta0, data) -> None:
+        """Argmin's checks, plus (once per structure, on concrete inputs) that the smooth part's
+        gradient is finite where the penalized parameters are zero — the features of the prox
+        components are weighted by 0 there, but a NaN derivative (jnp.linalg.norm at 0) times 0
+        is still NaN."""
+        super()._validate(lam, theta0, data)
+        leaves = jax.tree.leaves((theta0, data))
+        key = (jax.tree.structure((theta0, data)), tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        if key in self._checked or any(isinstance(x, jax.core.Tracer) for x in leaves + [lam]):
+            return
+        penalty = self._penalty(theta0, np.shape(lam)[0])
+        x, unravel = ravel_pytree(theta0)
+        at_zero = jnp.where(jnp.asarray(penalty.owned), 0.0, x)
+        weights = jnp.asarray(penalty.smooth_mask, x.dtype)
+        g = jax.grad(lambda x_: self.loss.value(weights, unravel(x_), data))(at_zero)
+        if not bool(jnp.all(jnp.isfinite(g))):
+            names = self.loss.names_for(np.shape(lam)[0])
+            prox = [names[i] for i in np.flatnonzero(penalty.smooth_mask == 0)]
+            raise ValueError(
+                f"the gradient of the smooth features is NaN or inf where the parameters under the "
+                f"prox terms {prox} are zero. lossopt weights those components by 0 in the smooth "
+                "part, but a NaN derivative times 0 is still NaN: compute them in features with the "
+                "term's own values, e.g. lossopt.prox.group_l2(...).values(theta) or "
+                ".value(theta) (derivative 0 at zero), not jnp.linalg.norm or jnp.sqrt")
+        self._checked.add(key)
 
     def _smooth(self, lam, data, penalty):
         """θ ↦ λ_sm·f(θ): the prox components weighted by 0 (their values come from the terms)."""

@@ -407,6 +407,7 @@ class Penalty:
         mask = np.ones(k)
         mask[list(used)] = 0.0
         self.smooth_mask = mask
+        self.owned = owner >= 0  # flat coordinates that carry a nonsmooth term
 
     def value(self, lam, x):
         """Σ_c λ_c h_c(x)."""
