@@ -114,6 +114,7 @@ problems:
 
 examples:
   lossopt tune
+  lossopt tune --problem digits-class-weights
   lossopt tune --steps 50 --out result.json --plot val_loss.png
   lossopt tune --float32 --quiet"""
 
@@ -127,7 +128,7 @@ def _add_tune(subparsers) -> None:
         epilog=TUNE_EPILOG.format(problems=problems),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--problem", default="digits-class-weights", metavar="NAME",
+    p.add_argument("--problem", default="logreg-l1l2", metavar="NAME",
                    help="which problem to tune (default: %(default)s; see the list below)")
     p.add_argument("--steps", type=_nonnegative_int, default=20, metavar="N",
                    help="optimizer steps; N + 1 inner solves, λ0 included (default: %(default)s)")
@@ -242,6 +243,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tuned = {"val_log_loss": result.best_val_loss, "test_log_loss": tuned_test["log_loss"],
              "test_accuracy": tuned_test["accuracy"], "inner_solves": result.n_solves,
              "seconds": tune_seconds}
+    if "nonzero" in base_test:  # sparse models: how many weights are nonzero
+        baseline["nonzero_weights"], tuned["nonzero_weights"] = base_test["nonzero"], tuned_test["nonzero"]
 
     # ---- summary
     say()
@@ -251,6 +254,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     say(f"{'validation log loss':<22}{baseline['val_log_loss']:>14.4f}{tuned['val_log_loss']:>14.4f}")
     say(f"{'test log loss':<22}{baseline['test_log_loss']:>14.4f}{tuned['test_log_loss']:>14.4f}")
     say(f"{'test accuracy':<22}{baseline['test_accuracy']:>14.2%}{tuned['test_accuracy']:>14.2%}")
+    if "nonzero_weights" in baseline:
+        say(f"{'nonzero weights':<22}{baseline['nonzero_weights']:>14d}{tuned['nonzero_weights']:>14d}")
     say(f"{'inner solves':<22}{baseline['inner_solves']:>14d}{tuned['inner_solves']:>14d}")
     say(f"{'seconds':<22}{baseline['seconds']:>14.2f}{tuned['seconds']:>14.2f}")
     say(f"(learned λ = the best validated of {result.n_solves} solves, step {result.best_step}; "

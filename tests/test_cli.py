@@ -29,7 +29,8 @@ def tuned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
     out, plot, stdout = tmp / "r.json", tmp / "p.png", io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = main(["tune", "--steps", "3", "--out", str(out), "--plot", str(plot)])
+        code = main(["tune", "--problem", "digits-class-weights", "--steps", "3", "--out", str(out),
+                     "--plot", str(plot)])
     return code, out, plot, stdout.getvalue()
 
 
@@ -71,6 +72,20 @@ def test_tune_prints_progress_and_table(tuned):
         assert label in out
     assert "class_9" in out and "only the ratios" in out.lower()
     assert "beat the baseline on test log loss" in lines[-3]  # then the two "wrote" lines
+
+
+def test_default_problem_is_logreg_l1l2(capsys):
+    """The default main job: L1 + L2 logistic regression, with the number of nonzero weights."""
+    assert main(["tune", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "logreg-l1l2" in out.splitlines()[0]
+    row = next(line for line in out.splitlines() if line.startswith("nonzero weights")).split()
+    base, learned = int(row[2]), int(row[3])
+    assert 0 < base < 465 and 0 < learned < 465
+    val = next(line for line in out.splitlines() if line.startswith("validation log loss")).split()
+    assert float(val[4]) < float(val[3])  # the learned λ validates better than the baseline
+    for name in ("l1", "l2", "data"):
+        assert any(line.split()[:1] == [name] for line in out.splitlines())
 
 
 def test_unknown_problem(capsys):
@@ -115,3 +130,9 @@ def test_example_script(tmp_path):
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "test log loss" in proc.stdout and "class_9" in proc.stdout
+
+
+def test_logreg_l1_l2_example(tmp_path):
+    proc = run_python(str(ROOT / "examples" / "logreg_l1_l2.py"), "--steps", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "nonzero weights" in proc.stdout and "learned λ1" in proc.stdout
