@@ -1,5 +1,9 @@
 """Ready-made tuning problems on real data bundled with scikit-learn (the ``demo`` extra).
 
+``logreg-l1l2`` (the default of ``lossopt tune``): L1 + L2 logistic regression on breast cancer
+with 465 interaction features, λ = (l1, l2, data), the L1 term a prox term; see
+:func:`logreg_l1l2` and the reusable data loader :func:`breast_cancer_interactions`.
+
 ``digits-class-weights``: multinomial logistic regression on scikit-learn's handwritten digits
 (1797 images of 8×8 pixels, 10 classes). θ = (W ∈ R^{64×10}, b ∈ R^10), biases unpenalized, and
 
