@@ -105,7 +105,10 @@ class Argmin:
         return lambda theta: self.loss.value(lam, theta, data)
 
     def _forward(self, lam, theta0, data):
-        theta, info = self.solver.run(self._objective(lam, data), theta0)
+        if hasattr(self.solver, "run_loss"):  # solvers that need λ and the data apart (minibatches)
+            theta, info = self.solver.run_loss(self.loss, lam, theta0, data)
+        else:
+            theta, info = self.solver.run(self._objective(lam, data), theta0)
         report(info, "lossopt inner solve", self.on_unconverged)
         return theta, info
 
