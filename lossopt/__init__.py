@@ -12,6 +12,9 @@ from lossopt.implicit import Argmin, Hypergradient, argmin
 from lossopt.loss import LinearLoss
 from lossopt.optim import projected
 from lossopt.tune import TuneResult, tune
+from lossopt import online, stochastic  # approximate solves and online mode (augmentation)
+from lossopt.online import tune_online
+from lossopt.stochastic import Budget
 from lossopt.blackbox.study import Study, Suggestion
 
 __version__ = "0.1.0"
@@ -21,3 +24,4 @@ __all__ = [
     "SolverInfo", "Study", "Suggestion", "TuneResult", "argmin", "constraints", "hyperdescent",
     "linear", "projected", "prox", "proxgrad", "solvers", "tune",
 ]
+__all__ += ["Budget", "online", "stochastic", "tune_online"]
