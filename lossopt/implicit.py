@@ -27,7 +27,7 @@ import optax.tree_utils as otu
 from jax.custom_derivatives import SymbolicZero
 
 from lossopt.diagnostics import LinearInfo, SolverInfo, check_mode, report
-from lossopt.linear import CG
+from lossopt.linear import Auto
 from lossopt.loss import LinearLoss
 from lossopt.solvers import LBFGS
 
@@ -58,7 +58,8 @@ class Argmin:
             raise TypeError(f"loss must be a lossopt.LinearLoss, got {type(loss).__name__}")
         self.loss = loss
         self.solver = LBFGS() if solver is None else solver
-        self.linear_solver = CG() if linear_solver is None else linear_solver
+        # The default adjoint solver's tolerance follows the inner solver's when that is looser.
+        self.linear_solver = Auto(inner_tol=getattr(self.solver, "tol", None)) if linear_solver is None else linear_solver
         self.on_unconverged = check_mode(on_unconverged)
         impl = jax.custom_jvp(self._forward)
         impl.defjvp(self._jvp, symbolic_zeros=True)
@@ -116,15 +117,31 @@ class Argmin:
         """v ↦ H v by forward-over-reverse, linearized once at θ*."""
         return jax.linearize(jax.grad(self._objective(lam, data)), theta)[1]
 
-    def _linear_solve(self, matvec, b, x0=None):
-        x, info = self.linear_solver(matvec, b, x0)
+    def _forward_and_precond(self, lam, theta0, data):
+        """The inner solve, plus the preconditioner it hands the adjoint solve (None if none).
+
+        L-BFGS hands out its final memory, an approximate inverse Hessian at θ*; it is used when
+        the linear solver asks for one (``precondition=True``).
+        """
+        run = getattr(self.solver, "run_with_memory", None)
+        if run is None or not getattr(self.linear_solver, "precondition", False):
+            return (*self._forward(lam, theta0, data), None)
+        theta, info, memory = run(self._objective(lam, data), theta0)
+        report(info, "lossopt inner solve", self.on_unconverged)
+        return theta, info, memory.apply
+
+    def _linear_solve(self, matvec, b, x0=None, precond=None):
+        if precond is None:
+            x, info = self.linear_solver(matvec, b, x0)
+        else:
+            x, info = self.linear_solver(matvec, b, x0, precond=precond)
         report(info, "lossopt adjoint solve", self.on_unconverged)
         return x, info
 
     def _jvp(self, primals, tangents):
         lam, theta0, data = primals
         dlam, _, ddata = tangents
-        theta, info = self._forward(lam, theta0, data)
+        theta, info, precond = self._forward_and_precond(lam, theta0, data)
         info_dot = jax.tree.map(_zero_tangent, info)
 
         # ∂g/∂(λ, data)·(λ̇, ḋata), with symbolic zeros skipped (no work for what is not differentiated).
@@ -150,14 +167,14 @@ class Argmin:
                           tuple(data_dots[i] for i in active))[1]
 
         matvec = self._hvp(theta, lam, data)
-        solve = lambda mv, b: self._linear_solve(mv, b)[0]  # noqa: E731
+        solve = lambda mv, b: self._linear_solve(mv, b, precond=precond)[0]  # noqa: E731
         dtheta = jax.lax.custom_linear_solve(matvec, otu.tree_scale(-1.0, rhs), solve, symmetric=True)
         return (theta, info), (dtheta, info_dot)
 
     def _value_and_hypergrad(self, val_loss, lam, theta0, data, val_data, adjoint0):
-        theta, info = self._forward(lam, theta0, data)
+        theta, info, precond = self._forward_and_precond(lam, theta0, data)
         value, v_theta = jax.value_and_grad(val_loss)(theta, val_data)
-        u, adjoint_info = self._linear_solve(self._hvp(theta, lam, data), v_theta, adjoint0)
+        u, adjoint_info = self._linear_solve(self._hvp(theta, lam, data), v_theta, adjoint0, precond)
         # ∇_λV = −J_f(θ*) u: one JVP of the feature map gives all k components.
         jf_u = jax.jvp(lambda th: self.loss.features(th, data), (theta,), (u,))[1]
         return Hypergradient(value, -jf_u, theta, u, info, adjoint_info)
@@ -171,7 +188,8 @@ def argmin(loss: LinearLoss, solver=None, linear_solver=None, on_unconverged: st
       solver: inner solver (default :class:`lossopt.solvers.LBFGS`, tolerance by dtype; for a
         loss with ``prox`` terms :class:`lossopt.proxgrad.FISTA`, differentiated through the
         proximal fixed point by :mod:`lossopt.implicit_prox`).
-      linear_solver: adjoint solver (default :class:`lossopt.linear.CG`).
+      linear_solver: adjoint solver (default :class:`lossopt.linear.Auto`: dense ``Eigh`` for small
+        d, else CG; its tolerance follows the inner solver's ``tol`` when that is looser).
       on_unconverged: ``"warn"`` | ``"raise"`` | ``"ignore"`` — what happens when the inner or the
         adjoint solve misses its tolerance (see :mod:`lossopt.diagnostics`).
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
+from jax.flatten_util import ravel_pytree
 
 from lossopt.diagnostics import SolverInfo
 
@@ -191,3 +192,79 @@ class LBFGSMemory(NamedTuple):
 
         r, _ = jax.lax.scan(oldest_to_newest, r, (self.s, self.y, self.rho, alphas), reverse=True)
         return r
+
+
+@dataclass(frozen=True)
+class Newton:
+    """Newton's method with a dense Hessian and a backtracking line search, for small d.
+
+    Each step forms H = ∇²L(θ) (d Hessian-vector products in one batch) and solves H p = −g by a
+    Cholesky factorization; where H is not positive definite (a saddle, a non-convex region) the
+    step uses |H| with its eigenvalues floored at √eps·max|w| instead (a modified Newton step,
+    always a descent direction). The step length halves until the Armijo condition
+    L(θ + tp) ≤ L(θ) + 10⁻⁴ t gᵀp holds. Near a strict minimum convergence is quadratic: a few
+    steps where L-BFGS takes tens. Cost O(d²) memory and O(d³) per step: for d up to a few
+    thousand. Same residual and tolerance as every solver here.
+
+    Args:
+      tol: tolerance on ‖g‖ / max(1, ‖g(θ₀)‖); default by dtype.
+      maxiter: maximum Newton steps.
+      max_backtracks: maximum halvings of the step per iteration; when they run out, the solve
+        stops (reported as not converged).
+    """
+
+    tol: float | None = None
+    maxiter: int = 100
+    max_backtracks: int = 30
+
+    def run(self, fun: Callable[[Any], jax.Array], theta0) -> tuple[Any, SolverInfo]:
+        tol = default_tol(theta0) if self.tol is None else self.tol
+        x0, unravel = ravel_pytree(theta0)
+        f = lambda x: jnp.asarray(fun(unravel(x))).astype(x0.dtype)  # noqa: E731
+        value_and_grad = jax.value_and_grad(f)
+        value0, g0 = value_and_grad(x0)
+        scale = jnp.maximum(1.0, jnp.linalg.norm(g0))
+
+        def direction(x, g):
+            H = jax.hessian(f)(x)
+            H = 0.5 * (H + H.T)
+            L = jnp.linalg.cholesky(H)
+            p_chol = jax.scipy.linalg.cho_solve((L, True), -g)
+
+            def modified(_):
+                w, Q = jnp.linalg.eigh(H)
+                w = jnp.maximum(jnp.abs(w), jnp.sqrt(jnp.finfo(w.dtype).eps) * jnp.max(jnp.abs(w)))
+                return -(Q @ ((Q.T @ g) / jnp.where(w > 0, w, 1)))
+
+            ok = jnp.all(jnp.isfinite(L)) & jnp.all(jnp.isfinite(p_chol))
+            return jax.lax.cond(ok, lambda _: p_chol, modified, None)
+
+        def cond(c):
+            _, _, _, resid, step, moved = c
+            return (resid > tol) & (step < self.maxiter) & jnp.isfinite(resid) & moved
+
+        def body(c):
+            x, value, g, _, step, _ = c
+            p = direction(x, g)
+            slope = jnp.vdot(g, p)
+
+            def shrink(s):
+                t, v, k = s
+                return (0.5 * t, f(x + 0.5 * t * p), k + 1)
+
+            def too_long(s):
+                t, v, k = s
+                bad = ~(v <= value + 1e-4 * t * slope)  # also true for NaN
+                return bad & (k < self.max_backtracks)
+
+            t, v, _ = jax.lax.while_loop(too_long, shrink, (jnp.ones_like(value), f(x + p), 0))
+            accepted = (v <= value + 1e-4 * t * slope) & (slope < 0)
+            x_new = jnp.where(accepted, x + t * p, x)
+            value_new, g_new = value_and_grad(x_new)
+            return x_new, value_new, g_new, jnp.linalg.norm(g_new) / scale, step + 1, accepted
+
+        resid0 = jnp.where(jnp.isfinite(value0), jnp.linalg.norm(g0) / scale, jnp.nan)
+        carry = (x0, value0, g0, resid0, jnp.asarray(0), jnp.asarray(True))
+        x, _, _, resid, steps, _ = jax.lax.while_loop(cond, body, carry)
+        converged = jnp.isfinite(resid) & (resid <= tol)
+        return unravel(x), SolverInfo(converged, resid, steps, jnp.asarray(tol, resid.dtype))
