@@ -10,7 +10,19 @@ of the same structure. ``LinearInfo.residual = ‖(H + μI)x − b‖ / ‖b‖`
 returned ``x`` with one extra product, so what is reported is the true residual, not the Krylov
 recurrence's estimate. ``lossopt.argmin`` wraps the solver in ``jax.lax.custom_linear_solve`` so
 that forward and reverse mode both go through it (H is symmetric, so the transpose solve is the
-same solve).
+same solve); :func:`custom_solve` does the same for any system, symmetric or not.
+
+Each solver class says whether it needs a symmetric operator (``symmetric``). A solver with a
+``precondition`` attribute that is true also accepts ``precond=`` (v ↦ Mv, M ≈ A⁻¹ SPD), which
+``argmin`` fills with the inner L-BFGS solver's memory.
+
+    CG        symmetric positive (semi-)definite; optional preconditioner      (iterative)
+    MINRES    symmetric, indefinite allowed                                    (iterative)
+    BiCGStab  general (non-symmetric)                                          (iterative)
+    Eigh      symmetric, any: pseudo-inverse                                   (dense, small d)
+    Cholesky  symmetric positive definite                                      (dense, small d)
+    LU        general                                                          (dense, small d)
+    Auto      the default: Eigh for d ≤ 32, else CG                            (lossopt/dense.py)
 """
 
 from __future__ import annotations
