@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from lossopt.blackbox import linreg
-from lossopt.blackbox.recommend import learn_linreg, normalize, recommend
+from lossopt.blackbox.local import local_step
+from lossopt.blackbox.recommend import learn_linreg, normalize, pair_lams, recommend
 from lossopt.blackbox.space import design
 from lossopt.constraints import box, fixed, nonnegative, simplex
 
@@ -222,3 +223,49 @@ def test_bad_input_names_row_and_column():
         recommend(F, v, nonnegative(), rng=rng)
     with pytest.raises(ValueError, match="positive integer"):
         recommend(F, v, bound, rng=rng, n=0)
+
+
+def test_local_steps_descend_a_smooth_bowl_in_log_coordinates():
+    """v = Σ_j (log λ_j − log c_j)²: the trust region reaches the minimum from far away."""
+    bound = (nonnegative() & fixed({0: 1.0})).bind(5)
+    c = np.array([1.0, 0.01, 3.0, 0.2, 50.0])
+    value = lambda lam: float(np.sum(np.log(lam[1:] / c[1:]) ** 2))  # noqa: E731
+    rng = np.random.default_rng(0)
+    lams = [np.ones(5)]
+    vals = [value(lams[0])]
+    for _ in range(60):
+        lam = local_step(np.array(lams), np.array(vals), bound, rng)
+        if lam is None:
+            break
+        bound.check(lam)
+        lams.append(lam), vals.append(value(lam))
+    assert vals[0] > 30 and min(vals) < 1e-2
+
+
+def test_pair_lams_recovers_which_lambda_trained_which_model():
+    rng = np.random.default_rng(8)
+    U = np.abs(rng.normal(size=(50, 4)))
+    F = 2.0 - U / np.linalg.norm(U, axis=1, keepdims=True)
+    tried = [np.abs(rng.normal(size=4)) for _ in range(6)]
+    rows = [int(np.argmin(F @ t)) for t in tried]
+    obs = sorted(set(rows))
+    paired = pair_lams(F[obs], tried)
+    for t, r in zip(tried, rows):
+        if rows.count(r) == 1:
+            np.testing.assert_array_equal(paired[obs.index(r)], t)
+        else:  # two λ gave the same model: ambiguous, left unknown
+            assert np.isnan(paired[obs.index(r)]).all()
+    with pytest.raises(ValueError, match="shape of features"):
+        recommend(F[:3], [0.0, 1.0, 2.0], nonnegative().bind(4), rng=rng, lams=np.ones((2, 4)))
+
+
+def test_centred_fit_is_exact_when_unique_and_central_when_not():
+    bound = bind("fixed")
+    rng = np.random.default_rng(9)
+    lam, F, v = perfect_data(bound, rng, K + 1)
+    assert up_to_scale(learn_linreg(F, v, bound, center=True).lam, lam) < 1e-6
+    few = learn_linreg(F[:3], v[:3], bound, center=True)
+    vertex = learn_linreg(F[:3], v[:3], bound, center=False)
+    # 3 observations leave λ undetermined: the vertex sets components to 0, the centred fit
+    # keeps every component at the design centre's scale unless the data move it
+    assert np.sum(vertex.lam == 0) >= 2 and np.all(few.lam > 0)

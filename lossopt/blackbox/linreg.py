@@ -255,7 +255,7 @@ class _LP:
 
 
 def learn_linreg(features, values, bound: BoundConstraint, *, max_models: int = 10,
-                 center: bool = True) -> Optional[LinRegFit]:
+                 center: bool = False) -> Optional[LinRegFit]:
     """LearnLinReg with a free offset (see the module docstring) on checked float arrays.
 
     ``features``: (m, k) finite; ``values``: (m,) finite; ``bound``: the constraint bound to k.

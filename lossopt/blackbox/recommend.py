@@ -1,22 +1,33 @@
 """Recommend the next λ to train with, from observed models (f(θ_i), V(θ_i)) — the black-box path.
 
-``recommend(features, values, bound, rng=..., n=1, avoid=None)`` returns n feasible, normalized λ
-(rows of an (n, k) array), distinct from each other and from the rows of ``avoid`` (λ already tried
-or pending). Each row comes from the first of these that gives a new λ:
+``recommend(features, values, bound, rng=..., n=1, avoid=None, lams=None)`` returns n feasible,
+normalized λ (rows of an (n, k) array), distinct from each other and from the rows of ``avoid``
+(λ already tried or pending). Each row is drawn as follows:
 
-1. **LearnLinReg** (``lossopt.blackbox.linreg.learn_linreg``): the feasible λ that makes the
-   best-validated model the minimizer of λ·f among the observations while λ·f fits the validation
-   loss as a tight affine upper bound. It recovers a perfect linear loss v = c·λ*·f + const exactly
-   from k + 1 generic observations; with fewer it is centred on the initial design.
-2. **Local search around it**: multiplicative steps λ_j·exp(σ·z_j) (additive where a component's
-   sign is free), σ doubling from 0.1 while they repeat a known λ. When the LP's λ repeats one
-   already tried, the model it makes optimal has already been trained, so the nearby λ are where
-   the next better model can be.
-3. **Initial design** (also every draw with probability ``EXPLORATION`` = 10%, so the search never
-   stays stuck): each free component independently log-uniform over 10^±3 around the constraint's
-   pin scale (the geometric mean of the fixed values, or total/|S| on a simplex, or 1), log-uniform
-   between positive box bounds, uniform/normal where the sign is free; simplex components as
-   log-uniform weights rescaled to the total and projected onto the box.
+1. With probability ``EXPLORATION`` = 10%, or while fewer than 2 observations exist: the
+   **initial design** (below), so the search never stays stuck and is asymptotically complete.
+2. Otherwise, in 1 − ``LOCAL_SHARE`` = 75% of the remaining draws: **LearnLinReg**
+   (``lossopt.blackbox.linreg.learn_linreg``), the feasible λ that makes the best-validated model
+   the minimizer of λ·f among the observations while λ·f fits the validation loss as a tight affine
+   upper bound — on the best 2(k + 1) observations only: where v is not linear in f, the far-off,
+   bad observations would dominate the fit (on the digits benchmark this lowered the best
+   validation loss after 120 trainings from 0.1260 to 0.1206). It recovers a perfect linear loss
+   v = c·λ*·f + const exactly from k + 1 generic observations. Its answer is used unless it is
+   within a relative ``STAGNATION_RTOL`` = 5% (every component) of a λ already tried: then the
+   model it makes optimal has in effect been trained already.
+3. Otherwise (the remaining 25%, or when the LP stagnates): a **trust-region step** around the
+   best observation (``lossopt.blackbox.local``): a linear / diagonal-quadratic model of v in
+   log-λ coordinates fitted on the nearby observations, whose radius grows after a success and
+   shrinks after failures — the refinement LearnLinReg cannot do when v is not linear in f. It
+   needs the λ of the observations: ``lams``, or, when not given, λ paired with observations
+   through ``avoid`` (``pair_lams``: a training with λ_a returns argmin_i λ_a·f_i).
+4. If that repeats a known λ too: multiplicative steps λ_j·exp(σ·z_j) around the LP's λ
+   (additive where a component's sign is free), σ doubling from 0.1; finally the design.
+
+**Initial design**: each free component independently log-uniform over 10^±3 around the
+constraint's pin scale (the geometric mean of the fixed values, or total/|S| on a simplex, or 1),
+log-uniform between positive box bounds, normal where the sign is free; simplex components as
+log-uniform weights rescaled to the total and projected onto the box.
 
 **Normalization.** argmin_θ (cλ)·f(θ) = argmin_θ λ·f(θ) for c > 0, so when the feasible set is a
 cone — no sum constraint, every lower bound 0 or −∞, every upper bound 0 or +∞ (components fixed at
@@ -34,23 +45,29 @@ from __future__ import annotations
 import numpy as np
 
 from lossopt.blackbox.linreg import LinRegFit, learn_linreg
-from lossopt.blackbox.space import (_check_avoid, _check_observations, design, normalize,
-                                    perturb)
+from lossopt.blackbox.local import local_step
+from lossopt.blackbox.space import (_as_matrix, _check_avoid, _check_observations, design,
+                                    normalize, perturb)
 from lossopt.constraints import BoundConstraint
 
 __all__ = ["recommend", "normalize", "learn_linreg", "LinRegFit", "EXPLORATION"]
 
 EXPLORATION = 0.1
 DISTINCT_RTOL = 1e-3
+STAGNATION_RTOL = 0.05
+LOCAL_SHARE = 0.25
+LP_OBSERVATIONS = 2  # the LP sees the best LP_OBSERVATIONS·(k + 1) observations
 
 
 def recommend(features, values, bound: BoundConstraint, *, rng: np.random.Generator, n: int = 1,
-              avoid=None) -> np.ndarray:
+              avoid=None, lams=None) -> np.ndarray:
     """The next n λ to train with: an (n, k) array of feasible, normalized, distinct rows.
 
     ``features``: (m, k) feature vectors f(θ_i) of complete trainings (m may be 0); ``values``: (m,)
     their validation losses (lower is better, any sign); ``bound``: a BoundConstraint; ``rng``: a
-    numpy Generator (the only source of randomness); ``avoid``: (p, k) λ already tried or pending.
+    numpy Generator (the only source of randomness); ``avoid``: (p, k) λ already tried or pending;
+    ``lams``: optional (m, k) λ each observation was trained with (rows of NaN where unknown);
+    when None, it is inferred from ``avoid`` (see ``pair_lams``).
     """
     F, v = _check_observations(features, values, bound)
     if not isinstance(rng, np.random.Generator):
@@ -61,20 +78,49 @@ def recommend(features, values, bound: BoundConstraint, *, rng: np.random.Genera
     if np.all(bound.fixed_mask) or (bound.sum_mask is not None and np.sum(
             bound.sum_mask & bound.free_mask) == 1 and np.all(bound.fixed_mask | bound.sum_mask)):
         raise ValueError(f"the constraint {bound!r} admits a single λ: there is nothing to tune")
-    fit = learn_linreg(F, v, bound) if F.shape[0] >= 2 else None
+    known = _check_lams(lams, F, bound) if lams is not None else pair_lams(F, taken)
+    best = np.sort(np.argsort(v, kind="stable")[:LP_OBSERVATIONS * (bound.k + 1)])
+    fit = learn_linreg(F[best], v[best], bound) if F.shape[0] >= 2 else None
+    ok = ~np.isnan(known).any(1)
+    local = (known[ok], v[ok])
     out = []
     for _ in range(n):
-        lam = _propose(fit, bound, rng, taken)
+        lam = _propose(fit, local, bound, rng, taken)
         out.append(lam)
         taken.append(lam)
     return np.stack(out)
 
 
-def _propose(fit, bound, rng, taken) -> np.ndarray:
-    explore = fit is None or rng.random() < EXPLORATION
-    if not explore:
-        if _novel(fit.lam, taken):
+def pair_lams(F: np.ndarray, tried) -> np.ndarray:
+    """The λ each observation was trained with, inferred from the λ tried: a training with λ_a
+    returns the minimizer of λ_a·f, so among the observations it is argmin_i λ_a·f_i. A row is
+    paired only when exactly one tried λ points at it (pending or failed λ can point anywhere)."""
+    out = np.full(F.shape, np.nan)
+    if not len(tried) or not len(F):
+        return out
+    T = np.asarray(tried)
+    hit = np.argmin(T @ F.T, axis=1)
+    rows, counts = np.unique(hit, return_counts=True)
+    for r, c in zip(rows, counts):
+        if c == 1:
+            out[r] = T[hit == r][0]
+    return out
+
+
+def _propose(fit, local, bound, rng, taken) -> np.ndarray:
+    """One λ: the LP's unless it stagnates, else a local step, else a perturbation, else the
+    initial design (also with probability EXPLORATION)."""
+    draw = rng.random()
+    if fit is not None and draw >= EXPLORATION:
+        lp_turn = draw >= EXPLORATION + LOCAL_SHARE * (1 - EXPLORATION) or not len(local[1])
+        if lp_turn and _novel(fit.lam, taken, STAGNATION_RTOL):
             return fit.lam
+        for attempt in range(4):
+            lam = local_step(*local, bound, rng, jitter=0.5 * attempt) if len(local[1]) else None
+            if lam is None:
+                break
+            if _novel(lam, taken):
+                return lam
         sigma = 0.1
         for _ in range(12):
             for _ in range(4):
@@ -90,13 +136,26 @@ def _propose(fit, bound, rng, taken) -> np.ndarray:
                      f"{bound!r}")
 
 
-def _novel(lam: np.ndarray, taken) -> bool:
+def _novel(lam: np.ndarray, taken, rtol: float = None) -> bool:
     if not taken:
         return True
     T = np.asarray(taken)
     big = np.maximum(np.abs(T), np.abs(lam))
     floor = 1e-12 * big.max(1, keepdims=True) + 1e-300
     rel = np.abs(T - lam) / (big + floor)
-    return bool(np.all(rel.max(1) > DISTINCT_RTOL))
+    return bool(np.all(rel.max(1) > (DISTINCT_RTOL if rtol is None else rtol)))
 
 
+
+
+def _check_lams(lams, F, bound) -> np.ndarray:
+    try:
+        L = np.array(lams, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"lams must be numeric: {e}") from None
+    if L.shape != F.shape:
+        raise ValueError(f"lams must have the shape of features {F.shape}, got {L.shape}")
+    unknown = np.isnan(L).all(1)
+    _as_matrix(L[~unknown], "lams (known rows)", bound.k, bound.names)
+    return normalize(L, bound) if not unknown.any() else np.where(
+        unknown[:, None], np.nan, normalize(np.where(unknown[:, None], 1.0, L), bound))

@@ -1,0 +1,153 @@
+"""A model-based local step around the best observed λ: a trust region in log-λ coordinates.
+
+LearnLinReg assumes the validation loss is an affine function of the features. Where it is not
+(continuous training problems near their optimum), its λ settles on a fixed point short of the
+optimum and keeps proposing nearly the same λ. This step then refines the incumbent directly.
+
+Coordinates x(λ): log|λ_j| for a free component whose sign its bounds fix (floored at 1e-6 of its
+typical magnitude), λ_j / scale_j where the sign is free; fixed components are left out; in a
+cone the log coordinates are centred (the scale of λ is irrelevant there).
+
+With x0 the incumbent (the best observation whose λ is known) and r_d the distance to its d-th
+nearest neighbour (d = dim x), the radius is Δ = r_d / 2: it halves after about d failed steps
+around the same incumbent and grows back when a step succeeds and the incumbent moves — a trust
+region whose memory is the data itself, so the step is a function of the observations alone.
+
+- fewer than d + 1 neighbours: a geometry step of length Δ0 = 0.5 along a random direction
+  orthogonal to the displacements seen so far (a new direction to fit the model along);
+- otherwise a least-squares model v ≈ v0 + g·(x − x0) (+ ½ Σ_j h_j (x_j − x0_j)² with 2d + 1
+  neighbours) on the 2d + 1 nearest points, and the step −g/h per coordinate where h_j > 0, else
+  −Δ·sign(g_j), cut to length Δ (the steepest-descent step −Δ·g/‖g‖ for the linear model).
+
+Returns None when Δ has shrunk below ``MIN_RADIUS`` (the incumbent is locally optimal to that
+resolution) — the caller explores elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from lossopt.blackbox.space import _feasible, is_cone, normalize, pin_scale
+from lossopt.constraints import BoundConstraint
+
+INITIAL_RADIUS = 0.5
+MAX_RADIUS = 4.0
+MIN_RADIUS = 2e-3
+
+
+def trust_radius(X: np.ndarray, i0: int, d: int) -> float:
+    """Δ from the observations alone (rows in the order observed): twice the distance from the
+    incumbent x0 to the nearest earlier point (the step that found it; ``INITIAL_RADIUS`` if it
+    came first), clipped to ``MAX_RADIUS``, halved for every max(2, d/2) later points within that
+    distance of x0 (failed steps around it)."""
+    x0 = X[i0]
+    dist = np.linalg.norm(X - x0, axis=1)
+    earlier = dist[:i0][dist[:i0] > 1e-9]
+    base = min(MAX_RADIUS, 2 * earlier.min()) if earlier.size else INITIAL_RADIUS
+    later = dist[i0 + 1:]
+    fails = int(np.sum((later > 1e-9) & (later <= 1.01 * base)))
+    return base * 0.5 ** (fails // max(2, d // 2))
+
+
+class Coords:
+    """x(λ) and its inverse over the free components (see the module docstring)."""
+
+    def __init__(self, bound: BoundConstraint, lams: np.ndarray):
+        self.bound = bound
+        free, lo, hi = bound.free_mask, bound.lower, bound.upper
+        self.log = free & ((lo >= 0) | (hi <= 0))
+        self.lin = free & ~self.log
+        self.sign = np.where(hi <= 0, -1.0, 1.0)[self.log]
+        mag = np.abs(lams)
+        typical = np.array([np.median(c[c > 0]) if np.any(c > 0) else pin_scale(bound)
+                            for c in mag.T])
+        self.floor = 1e-6 * typical[self.log]
+        self.scale = np.maximum(mag.std(0), 1e-3 * np.maximum(typical, 1e-300))[self.lin]
+        self.cone = is_cone(bound)
+        self.dim = int(self.log.sum() + self.lin.sum())
+
+    def to(self, lams: np.ndarray) -> np.ndarray:
+        lams = np.atleast_2d(lams)
+        xl = np.log(np.maximum(np.abs(lams[:, self.log]), self.floor))
+        if self.cone and xl.shape[1]:
+            xl = xl - xl.mean(1, keepdims=True)
+        return np.hstack([xl, lams[:, self.lin] / self.scale])
+
+    def back(self, x: np.ndarray, template: np.ndarray) -> np.ndarray:
+        lam = template.copy()
+        n_log = int(self.log.sum())
+        lam[self.log] = self.sign * np.exp(x[:n_log])
+        lam[self.lin] = x[n_log:] * self.scale
+        return normalize(_feasible(lam, self.bound), self.bound)
+
+
+def local_step(lams: np.ndarray, values: np.ndarray, bound: BoundConstraint,
+               rng: np.random.Generator, jitter: float = 0.0) -> Optional[np.ndarray]:
+    """One trust-region step from the best of the observations whose λ is known.
+
+    ``lams``: (m, k) λ of the observations (rows known); ``values``: (m,); ``jitter``: a random
+    perturbation of the step, as a fraction of Δ (used to spread several proposals)."""
+    if len(values) == 0:
+        return None
+    C = Coords(bound, lams)
+    d = C.dim
+    if d == 0:
+        return None
+    X = C.to(lams)
+    i0 = int(np.argmin(values))
+    x0 = X[i0]
+    dist = np.linalg.norm(X - x0, axis=1)
+    others = np.flatnonzero(dist > 1e-9)
+    others = others[np.argsort(dist[others], kind="stable")]
+    d_eff = d - 1 if C.cone and C.log.any() else d  # centred log coordinates: d − 1 directions
+    delta = trust_radius(X, i0, d_eff)
+    if delta < MIN_RADIUS:
+        return None
+    near = others[dist[others] <= 3 * delta]  # a model is local or not at all
+    if len(near) < d_eff:  # geometry: a direction not yet explored around x0
+        step = _new_direction(X[near] - x0, C, rng) * delta
+    else:
+        nb = near[: 2 * d_eff + 1]
+        D = X[nb] - x0
+        y = values[nb] - values[i0]
+        quad = len(nb) >= 2 * d_eff + 1
+        A = np.hstack([D, 0.5 * D ** 2]) if quad else D
+        coef = np.linalg.lstsq(A, y, rcond=None)[0]
+        g = coef[:d]
+        h = coef[d:] if quad else np.zeros(d)
+        if C.cone and C.log.any():
+            n_log = int(C.log.sum())
+            g[:n_log] -= g[:n_log].mean()
+        safe = h > 1e-12
+        step = np.where(safe, -g / np.where(safe, h, 1.0), -delta * np.sign(g))
+        if not quad:
+            norm_g = np.linalg.norm(g)
+            step = -delta * g / norm_g if norm_g > 0 else _new_direction(D, C, rng) * delta
+        norm = np.linalg.norm(step)
+        if norm > delta:
+            step *= delta / norm
+    if jitter:
+        step = step + jitter * delta * _new_direction(np.zeros((0, d)), C, rng)
+    return C.back(x0 + step, lams[i0])
+
+
+def _new_direction(D: np.ndarray, C: Coords, rng: np.random.Generator) -> np.ndarray:
+    """A random unit vector orthogonal to the rows of D (and, in a cone, to the log scale)."""
+    d = C.dim
+    basis = list(D)
+    if C.cone and C.log.any():
+        ones = np.zeros(d)
+        ones[: int(C.log.sum())] = 1.0
+        basis.append(ones)
+    z = rng.standard_normal(d)
+    if basis:
+        Q = np.linalg.qr(np.array(basis).T)[0]
+        Q = Q[:, : min(len(basis), d)]
+        z = z - Q @ (Q.T @ z)
+    n = np.linalg.norm(z)
+    if n < 1e-12:
+        z = rng.standard_normal(d)
+        n = np.linalg.norm(z)
+    return z / n
