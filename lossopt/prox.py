@@ -304,6 +304,11 @@ class BoundL1:
     def mask(self, lam, x, m):
         return m.at[self.idx].set(jnp.where(x[self.idx] != 0, m[self.idx], 0.0))
 
+    def orthant(self, x, y):
+        """y with the owned coordinates whose sign differs from x's set to zero."""
+        ys = y[self.idx]
+        return y.at[self.idx].set(jnp.where(jnp.sign(ys) == jnp.sign(x[self.idx]), ys, 0.0))
+
     def curvature(self, lam, x, v, out):
         return out
 
@@ -347,6 +352,9 @@ class BoundGroupL2:
         active = gs + (t / jnp.where(on, n, 1.0))[self.gid] * xs
         shrink = jnp.maximum(0.0, 1.0 - t / jnp.where(gn > 0, gn, 1.0))[self.gid] * gs
         return g.at[self.idx].set(jnp.where(on[self.gid], active, shrink))
+
+    def orthant(self, x, y):
+        return y
 
     def mask(self, lam, x, m):
         on = self._norms(x[self.idx]) > 0
@@ -431,6 +439,12 @@ class Penalty:
         for t in self.terms:
             g = t.residual(lam, x, g)
         return g
+
+    def orthant(self, x, y):
+        """y with every L1 coordinate that changed sign from x set to zero (groups unchanged)."""
+        for t in self.terms:
+            y = t.orthant(x, y)
+        return y
 
     def mask(self, lam, x):
         """1 on the active set (nonzero penalized coordinates / groups, unpenalized ones), else 0."""

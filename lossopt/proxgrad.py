@@ -13,6 +13,13 @@ Goldfarb & Bai, Found. Comput. Math. 2014) and the gradient restart of O'Donoghu
 (Found. Comput. Math. 2015): momentum is reset when (y_k − p_k)·(p_k − p_{k−1}) > 0. Every
 iterate is a prox output, so coordinates outside the support are exactly zero.
 
+Every ``newton_every`` steps, one Newton step on the current active set (M the 0/1 mask of
+nonzero / unpenalized coordinates, the same masked system as the implicit derivative):
+(M(∇²F + C)M + I − M) d = −M r(x) by CG, then x ← orthant projection of x + αd (L1 coordinates
+that would change sign are set to zero), α halved until F + P decreases, else the step is
+dropped. Proximal gradient finds the support; Newton then converges fast on it, which matters
+when F is ill-conditioned (tiny λ, nearly separable data), where FISTA alone needs 10⁴+ steps.
+
 Convergence is measured like the smooth solvers' (:mod:`lossopt.solvers`), with the gradient
 replaced by the min-norm subgradient r(x) of F + P (it equals ∇F without prox terms and is zero
 exactly at a solution):
@@ -33,6 +40,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from lossopt.diagnostics import SolverInfo
+from lossopt.linear import CG
 from lossopt.solvers import default_tol
 
 
@@ -46,11 +54,16 @@ class FISTA:
       tol: tolerance on the relative min-norm-subgradient residual (default by dtype).
       maxiter: maximum number of proximal-gradient steps.
       shrink: L is multiplied by ``shrink`` before each step's backtracking (1.0: never shrinks).
+      newton_every: after every ``newton_every`` proximal-gradient steps, one Newton step on the
+        current active set (0: never); see the module docstring.
+      newton_maxiter: CG iterations (Hessian-vector products) per Newton step.
     """
 
     tol: float | None = None
     maxiter: int = 20000
     shrink: float = 0.9
+    newton_every: int = 25
+    newton_maxiter: int = 50
 
     def run_prox(self, fun: Callable[[Any], jax.Array], theta0, penalty, lam) -> tuple[Any, SolverInfo]:
         """Minimize ``fun(θ) + penalty.value(lam, ravel(θ))`` from ``theta0``."""
@@ -101,33 +114,84 @@ class FISTA:
             p, ok, L, _ = jax.lax.while_loop(cond, body, (p, ok, L, 0))
             return p, L, jnp.isfinite(fy)
 
-        def cond(c):
-            _, _, _, _, _, k, resid = c
+        def phase(x, L, k, limit):
+            """FISTA steps from x (momentum reset) until converged, maxiter, or ``limit`` steps."""
+
+            def cond(c):
+                _, _, _, _, k, resid, j = c
+                return (resid > tol) & (k < self.maxiter) & ~jnp.isnan(resid) & (j < limit)
+
+            def body(c):
+                x, y, t, L, k, _, j = c
+                L_try = jnp.maximum(self.shrink * L, jnp.finfo(dtype).tiny)
+                p, L_new, finite = step(y, L_try)
+                cheap = L_new * jnp.linalg.norm(y - p) / scale
+                restart = jnp.vdot(y - p, p - x) > 0
+                t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t * L_new / L))
+                y_next = jnp.where(restart, p, p + ((t - 1.0) / t_next) * (p - x))
+                t_next = jnp.where(restart, 1.0, t_next)
+                # The true residual (one more gradient) only once the cheap estimate says converged.
+                resid = jax.lax.cond(cheap <= tol, lambda: true_residual(p) / scale,
+                                     lambda: jnp.asarray(jnp.inf, dtype))
+                resid = jnp.where(finite & jnp.isfinite(cheap), resid, jnp.nan)
+                return p, y_next, t_next, L_new, k + 1, resid, j + 1
+
+            init = (x, x, jnp.asarray(1.0, dtype), L, k, jnp.asarray(jnp.inf, dtype), 0)
+            x, _, _, L, k, resid, _ = jax.lax.while_loop(cond, body, init)
+            return x, L, k, resid
+
+        def newton(x):
+            """One Newton step on the current active set (masked CG), orthant-projected, kept only
+            if it lowers F + P (halving the step up to 10 times)."""
+            f, g = vg(x)
+            m = penalty.mask(lam, x)
+            hvp = jax.linearize(jax.grad(F), x)[1]
+
+            def matvec(v):
+                mv = m * v
+                return m * (hvp(mv) + penalty.curvature(lam, x, mv)) + (1.0 - m) * v
+
+            d, _ = CG(tol=1e-8, maxiter=self.newton_maxiter)(matvec, -(m * penalty.residual(lam, x, g)))
+            phi0 = f + penalty.value(lam, x)
+
+            def trial(alpha):
+                xa = penalty.orthant(x, x + alpha * d)
+                return xa, F(xa) + penalty.value(lam, xa)
+
+            def cond(c):
+                _, phi, alpha = c
+                return ~(phi < phi0) & (alpha > 1e-3)
+
+            def body(c):
+                _, _, alpha = c
+                return (*trial(0.5 * alpha), 0.5 * alpha)
+
+            xa, phi, _ = jax.lax.while_loop(cond, body, (*trial(1.0), jnp.asarray(1.0, dtype)))
+            return jnp.where(jnp.isfinite(phi) & (phi < phi0), xa, x)
+
+        limit = self.newton_every if self.newton_every else self.maxiter
+
+        def outer_cond(c):
+            _, _, k, resid = c
             return (resid > tol) & (k < self.maxiter) & ~jnp.isnan(resid)
 
-        def body(c):
-            x, y, t, L, cheap, k, _ = c
-            L_try = jnp.maximum(self.shrink * L, jnp.finfo(dtype).tiny)
-            p, L_new, finite = step(y, L_try)
-            cheap = L_new * jnp.linalg.norm(y - p) / scale
-            restart = jnp.vdot(y - p, p - x) > 0
-            t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t * L_new / L))
-            y_next = jnp.where(restart, p, p + ((t - 1.0) / t_next) * (p - x))
-            t_next = jnp.where(restart, 1.0, t_next)
-            # The true residual (one more gradient) only once the cheap estimate says converged.
-            resid = jax.lax.cond(cheap <= tol, lambda: true_residual(p) / scale,
-                                 lambda: jnp.asarray(jnp.inf, dtype))
-            resid = jnp.where(finite & jnp.isfinite(cheap), resid, jnp.nan)
-            return p, y_next, t_next, L_new, cheap, k + 1, resid
+        def outer_body(c):
+            x, L, k, _ = c
+            x, L, k, resid = phase(x, L, k, limit)
+            if self.newton_every:
+                go = (resid > tol) & ~jnp.isnan(resid) & (k < self.maxiter)
+                x = jax.lax.cond(go, newton, lambda x: x, x)
+                k = k + go.astype(k.dtype)
+            return x, L, k, resid
 
         resid0 = jnp.where(jnp.isfinite(r0), r0 / scale, jnp.nan)
-        init = (x0, x0, jnp.asarray(1.0, dtype), L0.astype(dtype), jnp.asarray(jnp.inf, dtype),
-                jnp.asarray(0), resid0.astype(dtype))
-        x, _, _, _, _, steps, resid = jax.lax.while_loop(cond, body, init)
+        init = (x0, L0.astype(dtype), jnp.asarray(0), resid0.astype(dtype))
+        x, _, steps, resid = jax.lax.while_loop(outer_cond, outer_body, init)
         # Stopped by maxiter before any check: report the true residual, not a placeholder.
         resid = jnp.where(jnp.isposinf(resid), true_residual(x) / scale, resid)
         converged = jnp.isfinite(resid) & (resid <= tol)
         return unravel(x), SolverInfo(converged, resid, steps, jnp.asarray(tol, dtype))
 
     def __repr__(self) -> str:
-        return f"FISTA(tol={self.tol}, maxiter={self.maxiter}, shrink={self.shrink})"
+        return (f"FISTA(tol={self.tol}, maxiter={self.maxiter}, shrink={self.shrink}, "
+                f"newton_every={self.newton_every}, newton_maxiter={self.newton_maxiter})")

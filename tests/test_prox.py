@@ -160,6 +160,10 @@ def test_elastic_net_matches_sklearn():
                          tol=1e-14, max_iter=100_000).fit(X, Y).coef_
         assert np.array_equal(np.asarray(theta) == 0, ref == 0)
         assert rel(theta, ref) <= 1e-6
+    # plain FISTA (no Newton steps on the active set) reaches the same solution
+    plain = lossopt.argmin(solve.loss, solver=FISTA(newton_every=0))
+    theta, info = plain.with_info(jnp.array([lam1, lam2, 1.0]), jnp.zeros(D), TRAIN)
+    assert bool(info.converged) and rel(theta, ref) <= 1e-6
 
 
 # ------------------------------------------------------------------ L1 + L2 logistic vs FD
