@@ -17,6 +17,7 @@ import lossopt  # noqa: E402
 from lossopt.linear import CG  # noqa: E402
 from lossopt.prox import GroupL2, L1, group_l2, l1  # noqa: E402
 from lossopt.proxgrad import FISTA  # noqa: E402
+from test_implicit import _central_fd  # noqa: E402  (central differences with a Richardson step)
 
 RNG = np.random.default_rng(0)
 N, D = 80, 8
@@ -178,17 +179,6 @@ def _binary(n=200, d=12, seed=1):
 def _logloss(th, X, y):
     z = X @ th["w"] + th["b"]
     return jnp.logaddexp(0.0, z) - y * z
-
-
-def _central_fd(fun, lam, idx, h):
-    """Central differences with one Richardson step: (4·D(h/2) − D(h))/3, error O(h⁴)."""
-
-    def central(i, step):
-        e = np.zeros_like(lam)
-        e[i] = step
-        return (fun(lam + e) - fun(lam - e)) / (2 * step)
-
-    return np.array([(4 * central(i, h * lam[i] / 2) - central(i, h * lam[i])) / 3 for i in idx])
 
 
 def test_l1_l2_logistic_matches_finite_differences_bias_unpenalized():
