@@ -4,7 +4,7 @@ Six augmentations — identity, horizontal flip (it changes the identity of asym
 one-pixel shifts, small rotations, Gaussian noise, pixel dropout — each drawn once per training
 example, so f_i(θ) = training log loss under augmentation i is a function of θ, and training with
 augmentation i chosen with probability p_i minimizes p·f(θ). ``lossopt.tune_online`` learns p
-within one training run (a hypergradient step every 50 Adam steps, p kept on the simplex) and the
+within one training run (a hypergradient step every 100 Adam steps, p kept on the simplex) and the
 script compares the result on the held-out test split with: no augmentation, uniform p, the best
 single augmentation (by validation loss), and random search over p with about the same compute.
 
@@ -27,10 +27,11 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="one seed, uniform vs online, 600 steps")
 parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
 parser.add_argument("--steps", type=int, default=2000, help="Adam steps per training run (default: 2000)")
+parser.add_argument("--inner-steps", type=int, default=100, help="Adam steps between hypergradient steps (default: 100)")
 args = parser.parse_args()
 
 seeds = [0] if args.quick else list(range(args.seeds))
-steps = 600 if args.quick else args.steps
+steps, inner_steps = (600, 50) if args.quick else (args.steps, args.inner_steps)
 methods = ("uniform", "online") if args.quick else METHODS
 
 start = time.perf_counter()
@@ -40,7 +41,7 @@ for seed in seeds:
         # Online hypergradients are approximate by design; their adjoint residuals are kept in the
         # history (printed below) instead of a warning per run.
         warnings.simplefilter("ignore", lossopt.ConvergenceWarning)
-        result = compare(seed, steps=steps, methods=methods)
+        result = compare(seed, steps=steps, inner_steps=inner_steps, methods=methods)
     for m, r in result.items():
         runs[m].append(r)
     h = result["online"].history

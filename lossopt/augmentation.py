@@ -167,7 +167,7 @@ METHODS = ("no augmentation", "uniform", "best single", "random search", "online
 
 
 def compare(seed: int, *, steps: int = 2000, batch_size: int = 64, lr: float = 3e-3,
-            inner_steps: int = 50, random_draws: int = 2, hidden: int = 64,
+            inner_steps: int = 100, random_draws: int = 2, hidden: int = 64,
             methods=METHODS, online_options: dict | None = None) -> dict[str, Run]:
     """The methods of the comparison on one seed, every training run ``steps`` Adam steps long.
 

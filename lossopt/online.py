@@ -109,7 +109,7 @@ def tune_online(
     *,
     inner_optimizer: optax.GradientTransformation,
     steps: int = 20,
-    inner_steps: int = 50,
+    inner_steps: int = 100,
     batch_size: int | None = 64,
     hyper_batch_size: int | None = None,
     optimizer: optax.GradientTransformation | None = None,
