@@ -43,7 +43,7 @@ def normalize(lam, bound: BoundConstraint) -> np.ndarray:
     return lam / total
 
 
-def _log_range(a: float, b: float, ref: float) -> tuple:
+def log_range(a: float, b: float, ref: float) -> tuple:
     """The range of |λ_j| the design draws log-uniformly from, for bounds 0 <= a < b <= ∞."""
     D = DESIGN_DECADES
     top = b if np.isfinite(b) else max(a, ref) * 10 ** D
@@ -59,7 +59,7 @@ def design_center(bound: BoundConstraint) -> np.ndarray:
     c = np.zeros(bound.k)
     for j in np.flatnonzero(bound.free_mask & ((lo >= 0) | (hi <= 0))):
         sign, (a, b) = (1.0, (lo[j], hi[j])) if lo[j] >= 0 else (-1.0, (-hi[j], -lo[j]))
-        bottom, top = _log_range(a, b, ref)
+        bottom, top = log_range(a, b, ref)
         c[j] = sign * math.sqrt(bottom * top)
     c[bound.fixed_mask] = lo[bound.fixed_mask]
     if bound.sum_mask is not None:
@@ -95,7 +95,7 @@ def design(bound: BoundConstraint, rng: np.random.Generator, n: int) -> np.ndarr
             out[:, j] = a
         elif a >= 0 or b <= 0:  # one sign: log-uniform in |λ_j|
             sign, (a_, b_) = (1.0, (a, b)) if a >= 0 else (-1.0, (-b, -a))
-            bottom, top = _log_range(a_, b_, ref)
+            bottom, top = log_range(a_, b_, ref)
             out[:, j] = sign * np.exp(rng.uniform(math.log(bottom), math.log(top), n))
         else:  # sign free
             out[:, j] = np.clip(ref * rng.standard_normal(n), a, b)
