@@ -181,6 +181,8 @@ def test_recommend_bad_input(tmp_path, capsys):
     assert code == 1 and "no data rows" in err and "lossopt study ask" in err
     code, _, err = run(capsys, "recommend", tmp_path / "nope.csv")
     assert code == 1 and "no such file" in err
+    code, _, err = run(capsys, "recommend", tmp_path)
+    assert code == 1 and "not a regular file" in err
     code, _, err = run(capsys, "recommend", EXAMPLE, "--fixed", "nope=1")
     assert code == 1 and "unknown component name 'nope'" in err
     code, _, err = run(capsys, "recommend", EXAMPLE, "--bounds", "l2=5:1")

@@ -51,6 +51,15 @@ def _parse_float(text: str, where: str, allow_inf: bool = False) -> float:
     return value
 
 
+def _check_file(path: str) -> None:
+    """An observations file must be a regular file: say which of the two it is not."""
+    if not os.path.exists(path):
+        raise CLIError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise CLIError(f"{path}: not a regular file (observations are read from a CSV or JSON "
+                       "Lines file)")
+
+
 def constraint_from_args(fixed: Sequence[str] = (), bounds: Sequence[str] = (),
                          simplex: bool = False):
     """``nonnegative()`` and the --fixed / --bounds / --simplex options, as one Constraint.
@@ -264,8 +273,7 @@ def cmd_study_tell(args: argparse.Namespace) -> int:
     study = _open_study(args.storage)
     try:
         if args.file is not None:
-            if not os.path.isfile(args.file):
-                raise CLIError(f"{args.file}: no such file")
+            _check_file(args.file)
             ids = study.tell_file(args.file)
         else:
             try:  # NaN / inf pass here: the Study names them (and accepts them when --failed)
@@ -359,8 +367,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}", code=2)
     constraint = constraint_from_args(args.fixed, args.bounds, args.simplex)
-    if not os.path.isfile(args.file):
-        raise CLIError(f"{args.file}: no such file")
+    _check_file(args.file)
     obs = read_observations(args.file)
     bound = constraint.bind(obs.k, obs.names)
     ok = ~obs.failed
