@@ -269,3 +269,37 @@ def test_centred_fit_is_exact_when_unique_and_central_when_not():
     # 3 observations leave λ undetermined: the vertex sets components to 0, the centred fit
     # keeps every component at the design centre's scale unless the data move it
     assert np.sum(vertex.lam == 0) >= 2 and np.all(few.lam > 0)
+
+
+def test_lp_trust_region_bounds_the_lp_when_v_is_not_affine_in_f():
+    from lossopt.blackbox.local import lp_region, replay_radius
+    from lossopt.blackbox.recommend import LP_RADIUS, _fit
+
+    # the radius: initial, halved after max(2, d/2) failures within it, doubled (up to the
+    # initial radius) by a success at its edge, set to the largest on a plateau (same value)
+    X = np.array([[0.0, 0.0], [0.5, 0.0], [0.0, 0.5], [0.0, -0.5], [3.0, 3.0]])
+    assert replay_radius(X[:1], np.array([1.0]), 2, 1.0, 0.1, 8.0) == 1.0
+    assert replay_radius(X[:3], np.array([1.0, 2.0, 2.0]), 2, 1.0, 0.1, 8.0) == 0.5
+    assert replay_radius(X[:2], np.array([1.0, 1.0]), 2, 1.0, 0.1, 8.0) == 8.0
+    assert replay_radius(X[:4], np.array([1.0, 2.0, 2.0, 0.5]), 2, 1.0, 0.1, 8.0) == 1.0
+    # a distant improvement (exploration) moves the incumbent and keeps R
+    assert replay_radius(X[[0, 1, 2, 4]], np.array([1.0, 2.0, 2.0, 0.5]), 2, 1.0, 0.1, 8.0) == 0.5
+    # the region: a box of ±R in log λ around the incumbent, inside the constraint
+    bound = (nonnegative() & fixed({0: 1.0})).bind(3)
+    lams = np.array([[1.0, 0.1, 1e-3], [1.0, 1.0, 1e-2]])
+    region = lp_region(lams, np.array([0.5, 1.0]), bound, 1.0, 0.1, 8.0)
+    assert np.allclose(region.lower, [1.0, 0.1 / np.e, 1e-3 / np.e])
+    assert np.allclose(region.upper, [1.0, 0.1 * np.e, 1e-3 * np.e])
+    # v not affine in f: the LP's answer stays within the trust region around the incumbent
+    rng = np.random.default_rng(0)
+    k = 4
+    bound = (nonnegative() & fixed({0: 1.0})).bind(k)
+    lams = np.hstack([np.ones((12, 1)), np.exp(rng.uniform(-3, 3, (12, k - 1)))])
+    F = np.exp(-lams) + 0.01 * rng.random((12, k))
+    v = np.sum(np.log(lams[:, 1:]) ** 2, 1)
+    fit = _fit(F, v, bound, lams, v)
+    whole = learn_linreg(F, v, bound)
+    i0 = int(np.argmin(v))
+    step = np.abs(np.log(fit.lam[1:] / lams[i0, 1:])).max()
+    assert step <= LP_RADIUS + 1e-9
+    assert np.abs(np.log(whole.lam[1:] / lams[i0, 1:])).max() > LP_RADIUS  # unbounded without

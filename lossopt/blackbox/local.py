@@ -37,15 +37,16 @@ MAX_RADIUS = 4.0
 MIN_RADIUS = 2e-3
 
 
-def trust_radius(X: np.ndarray, i0: int, d: int) -> float:
+def trust_radius(X: np.ndarray, i0: int, d: int, ord=None, initial: float = INITIAL_RADIUS,
+                 largest: float = MAX_RADIUS) -> float:
     """Δ from the observations alone (rows in the order observed): twice the distance from the
     incumbent x0 to the nearest earlier point (the step that found it; ``INITIAL_RADIUS`` if it
     came first), clipped to ``MAX_RADIUS``, halved for every max(2, d/2) later points within that
     distance of x0 (failed steps around it)."""
     x0 = X[i0]
-    dist = np.linalg.norm(X - x0, axis=1)
+    dist = np.linalg.norm(X - x0, ord=ord, axis=1)
     earlier = dist[:i0][dist[:i0] > 1e-9]
-    base = min(MAX_RADIUS, 2 * earlier.min()) if earlier.size else INITIAL_RADIUS
+    base = min(largest, 2 * earlier.min()) if earlier.size else initial
     later = dist[i0 + 1:]
     fails = int(np.sum((later > 1e-9) & (later <= 1.01 * base)))
     return base * 0.5 ** (fails // max(2, d // 2))
@@ -151,3 +152,67 @@ def _new_direction(D: np.ndarray, C: Coords, rng: np.random.Generator) -> np.nda
         z = rng.standard_normal(d)
         n = np.linalg.norm(z)
     return z / n
+
+
+def replay_radius(X: np.ndarray, values: np.ndarray, d: int, initial: float, smallest: float,
+                  largest: float) -> float:
+    """A trust radius R (∞-norm in x) replayed over the observations in the order observed: it
+    starts at ``initial``; an observation better than the incumbent at ∞-distance >= R/2 from it
+    (a step that used the region and succeeded) doubles R, up to ``largest``; every max(2, d/2)
+    observations within R of the incumbent that do not improve on it halve R, down to
+    ``smallest``; one with the incumbent's very value (the same model again, as on a finite pool
+    of models) doubles R: the loss is flat on that scale. A distant improvement (exploration)
+    moves the incumbent and keeps R."""
+    R, i0, fails = initial, 0, 0
+    for i in range(1, len(values)):
+        dist = float(np.max(np.abs(X[i] - X[i0]))) if X.shape[1] else 0.0
+        if values[i] < values[i0]:
+            if 0.5 * R <= dist <= 1.01 * R:
+                R = max(R, min(initial, 2 * R))
+            i0, fails = i, 0
+        elif values[i] == values[i0] and dist > 1e-9:
+            R = largest  # the same model again: a plateau on this scale, look further
+        elif 1e-9 < dist <= 1.01 * R:
+            fails += 1
+            if fails >= max(2, d // 2):
+                R, fails = max(smallest, 0.5 * R), 0
+    return R
+
+
+def lp_region(lams: np.ndarray, values: np.ndarray, bound: BoundConstraint,
+              initial: float, min_radius: float, max_radius: float) -> Optional[BoundConstraint]:
+    """The feasible set intersected with a box in log-λ around the incumbent (the best observation
+    whose λ is known): |λ_j| within a factor exp(±R) of the incumbent's for every free component
+    whose sign is fixed (a component at 0 may grow up to a tenth of its typical magnitude times
+    exp(R)); components with a free sign keep their bounds. R is the trust radius (see
+    ``trust_radius``) clipped to [min_radius, max_radius]: it grows when a step moves the
+    incumbent far and shrinks after failed steps around it. None when no λ is known.
+
+    In a cone the box does not pin the scale: the LP homogenizes it (λ̃ ∈ t·box), so it bounds
+    the ratios λ_i / λ_j, which is all that matters there."""
+    if len(values) == 0:
+        return None
+    C = Coords(bound, lams)
+    if C.dim == 0 or not C.log.any():
+        return None
+    X = C.to(lams)
+    i0 = int(np.argmin(values))
+    d_eff = C.dim - 1 if C.cone else C.dim
+    R = replay_radius(X, values, max(d_eff, 1), initial, min_radius, max_radius)
+    lam0 = normalize(lams[i0], bound)
+    mag = np.abs(lam0)
+    pos = np.abs(lams)
+    typical = np.array([np.median(c[c > 0]) if np.any(c > 0) else pin_scale(bound)
+                        for c in pos.T])
+    top = np.maximum(mag, 0.1 * typical) * np.exp(R)
+    bottom = mag * np.exp(-R)
+    lo, hi = bound.lower.copy(), bound.upper.copy()
+    j = C.log
+    neg = hi <= 0
+    new_lo = np.where(neg, -top, bottom)
+    new_hi = np.where(neg, -bottom, top)
+    lo[j] = np.maximum(lo[j], new_lo[j])
+    hi[j] = np.minimum(hi[j], new_hi[j])
+    if np.any(lo > hi):
+        return None
+    return BoundConstraint(bound.k, bound.names, lo, hi, bound.sum_mask, bound.total)
