@@ -229,13 +229,17 @@ def test_default_adjoint_is_dense_for_small_d_and_follows_a_looser_inner_toleran
     b_small, b_big = jnp.zeros(10), jnp.zeros(100)
     solve = lossopt.argmin(LOSS)
     assert isinstance(solve.linear_solver.choose(b_small), Eigh)
-    assert isinstance(solve.linear_solver.choose(b_big), CG)
-    assert solve.linear_solver.choose(b_big).tol is None  # by dtype: 1e-10 in float64
+    assert solve.linear_solver.choose(b_big) == CG(precondition=True)  # tol None: by dtype
     loose = lossopt.argmin(LOSS, solver=LBFGS(tol=1e-6))
     assert loose.linear_solver.choose(b_big).tol == 1e-6
     tight = lossopt.argmin(LOSS, solver=LBFGS(tol=1e-13))  # never tighter than the adjoint default
     assert tight.linear_solver.choose(b_big).tol == 1e-10
     assert lossopt.argmin(LOSS, linear_solver=MINRES()).linear_solver == MINRES()
+    # A user-configured Auto follows the inner tolerance too (unless its own tol is set).
+    pre = lossopt.argmin(LOSS, solver=LBFGS(tol=1e-6), linear_solver=Auto(precondition=True))
+    assert pre.linear_solver.choose(b_big) == CG(tol=1e-6, precondition=True)
+    fixed = lossopt.argmin(LOSS, solver=LBFGS(tol=1e-6), linear_solver=Auto(tol=1e-9))
+    assert fixed.linear_solver.choose(b_big).tol == 1e-9
 
 
 def test_default_adjoint_on_a_small_singular_softmax_problem_matches_finite_differences():
