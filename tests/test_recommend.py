@@ -297,9 +297,18 @@ def test_lp_trust_region_bounds_the_lp_when_v_is_not_affine_in_f():
     lams = np.hstack([np.ones((12, 1)), np.exp(rng.uniform(-3, 3, (12, k - 1)))])
     F = np.exp(-lams) + 0.01 * rng.random((12, k))
     v = np.sum(np.log(lams[:, 1:]) ** 2, 1)
-    fit = _fit(F, v, bound, lams, v)
+    fit = _fit(F, v, bound, lams, v)[0]
     whole = learn_linreg(F, v, bound)
     i0 = int(np.argmin(v))
     step = np.abs(np.log(fit.lam[1:] / lams[i0, 1:])).max()
     assert step <= LP_RADIUS + 1e-9
     assert np.abs(np.log(np.maximum(whole.lam[1:], 1e-300) / lams[i0, 1:])).max() > LP_RADIUS
+    # a rejected step (its λ tried already): the LP again in the region halved, quartered, …
+    for shrink, lam in enumerate(_fit(F, v, bound, lams, v)[1](), 1):
+        assert np.abs(np.log(lam[1:] / lams[i0, 1:])).max() <= LP_RADIUS * 0.5 ** shrink + 1e-9
+    lams2 = np.array([[1.0, 0.1, 1e-3], [1.0, 1.0, 1e-2]])
+    half = lp_region(lams2, np.array([0.5, 1.0]), (nonnegative() & fixed({0: 1.0})).bind(3),
+                     1.0, 0.1, 8.0, shrink=1)
+    assert np.allclose(half.upper, [1.0, 0.1 * np.exp(0.5), 1e-3 * np.exp(0.5)])
+    assert lp_region(lams2, np.array([0.5, 1.0]), (nonnegative() & fixed({0: 1.0})).bind(3),
+                     1.0, 0.1, 8.0, shrink=4) is None  # below the smallest radius

@@ -180,13 +180,15 @@ def replay_radius(X: np.ndarray, values: np.ndarray, d: int, initial: float, sma
 
 
 def lp_region(lams: np.ndarray, values: np.ndarray, bound: BoundConstraint,
-              initial: float, min_radius: float, max_radius: float) -> Optional[BoundConstraint]:
+              initial: float, min_radius: float, max_radius: float,
+              shrink: int = 0) -> Optional[BoundConstraint]:
     """The feasible set intersected with a box in log-λ around the incumbent (the best observation
     whose λ is known): |λ_j| within a factor exp(±R) of the incumbent's for every free component
     whose sign is fixed (a component at 0 may grow up to a tenth of its typical magnitude times
     exp(R)); components with a free sign keep their bounds. R is the trust radius (see
     ``trust_radius``) clipped to [min_radius, max_radius]: it grows when a step moves the
-    incumbent far and shrinks after failed steps around it. None when no λ is known.
+    incumbent far and shrinks after failed steps around it; ``shrink`` halves it that many times
+    more (None once below min_radius). None when no λ is known.
 
     In a cone the box does not pin the scale: the LP homogenizes it (λ̃ ∈ t·box), so it bounds
     the ratios λ_i / λ_j, which is all that matters there."""
@@ -198,7 +200,9 @@ def lp_region(lams: np.ndarray, values: np.ndarray, bound: BoundConstraint,
     X = C.to(lams)
     i0 = int(np.argmin(values))
     d_eff = C.dim - 1 if C.cone else C.dim
-    R = replay_radius(X, values, max(d_eff, 1), initial, min_radius, max_radius)
+    R = replay_radius(X, values, max(d_eff, 1), initial, min_radius, max_radius) * 0.5 ** shrink
+    if shrink and R < min_radius:
+        return None
     lam0 = normalize(lams[i0], bound)
     mag = np.abs(lam0)
     pos = np.abs(lams)
