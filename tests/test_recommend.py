@@ -312,3 +312,22 @@ def test_lp_trust_region_bounds_the_lp_when_v_is_not_affine_in_f():
     assert np.allclose(half.upper, [1.0, 0.1 * np.exp(0.5), 1e-3 * np.exp(0.5)])
     assert lp_region(lams2, np.array([0.5, 1.0]), (nonnegative() & fixed({0: 1.0})).bind(3),
                      1.0, 0.1, 8.0, shrink=4) is None  # below the smallest radius
+
+
+def test_underdetermined_lp_stays_below_the_observed_range():
+    from lossopt.blackbox.local import ceiling_region
+    from lossopt.blackbox.recommend import LP_RADIUS, _fit
+
+    rng = np.random.default_rng(1)
+    k = 6
+    bound = (nonnegative() & fixed({0: 1.0})).bind(k)
+    lams = np.hstack([np.ones((4, 1)), np.exp(rng.uniform(-1, 1, (4, k - 1)))])
+    F = rng.random((4, k))
+    v = rng.random(4)
+    region = ceiling_region(lams, bound, LP_RADIUS)
+    assert np.allclose(region.upper[1:], lams[:, 1:].max(0) * np.exp(LP_RADIUS))
+    assert np.all(region.lower == bound.lower)  # a weight may still go to 0
+    fit = _fit(F, v, bound, lams, v)[0]
+    whole = learn_linreg(F, v, bound)
+    assert np.all(fit.lam[1:] <= lams[:, 1:].max(0) * np.exp(LP_RADIUS) * (1 + 1e-9))
+    assert whole.lam.max() > 100 * lams.max()  # the unbounded vertex it replaces

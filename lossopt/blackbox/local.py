@@ -220,3 +220,29 @@ def lp_region(lams: np.ndarray, values: np.ndarray, bound: BoundConstraint,
     if np.any(lo > hi):
         return None
     return BoundConstraint(bound.k, bound.names, lo, hi, bound.sum_mask, bound.total)
+
+
+def ceiling_region(lams: np.ndarray, bound: BoundConstraint,
+                   radius: float) -> Optional[BoundConstraint]:
+    """The feasible set with |λ_j| <= max_i |λ_ij|·exp(radius) for every free component whose
+    sign is fixed, over the observed λ (normalized; a component never seen nonzero: a tenth of
+    the others' typical magnitude times exp(radius)). For an LP the observations do not determine
+    (m < k + 1), whose answer is a vertex of a large set of exact fits: it may then leave a
+    component at 0 (ignoring that feature is a legitimate loss, and the vertex's extreme models
+    are informative), but not scale the others beyond what was observed — with a component fixed
+    at 1 the vertex's other weights used to run to ~1e7. None when no λ is known."""
+    if len(lams) == 0:
+        return None
+    C = Coords(bound, lams)
+    if C.dim == 0 or not C.log.any():
+        return None
+    mag = np.abs(normalize(lams, bound))
+    nz = mag[mag > 0]
+    typical = float(np.median(nz)) if nz.size else pin_scale(bound)
+    top = np.where(mag.max(0) > 0, mag.max(0), 0.1 * typical) * np.exp(radius)
+    lo, hi = bound.lower.copy(), bound.upper.copy()
+    j = C.log & (lo >= 0)
+    hi[j] = np.maximum(np.minimum(hi[j], top[j]), lo[j])
+    j = C.log & (hi <= 0)
+    lo[j] = np.minimum(np.maximum(lo[j], -top[j]), hi[j])
+    return BoundConstraint(bound.k, bound.names, lo, hi, bound.sum_mask, bound.total)

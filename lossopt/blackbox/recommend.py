@@ -26,7 +26,11 @@ normalized λ (rows of an (n, k) array), distinct from each other and from the r
    to about 0.1200 (3 to 8 seeds; the trajectories are chaotic: changing R by 1% moves a seed's
    result by ±0.001); where v is affine in f (a pool of models) the LP is unrestricted as before.
    It also keeps suggestions from k + 1 observations near the observed λ: the 12 rows of
-   examples/observations.csv (k = 11) used to give the LP vertex class_0 = class_2 = 0.
+   examples/observations.csv (k = 11) used to give the LP vertex class_0 = class_2 = 0. With
+   fewer than k + 1 observations (an LP the data do not determine) each weight is capped at
+   exp(``LP_RADIUS``) times the largest observed (``local.ceiling_region``): with class_0 fixed at
+   1 the vertex's other weights used to reach ~1e7; a weight may still go to 0 (bounding it below
+   too, or centring the LP on the incumbent, made the pool benchmark 1.5–2× slower).
 3. Otherwise (the remaining 25%, or when the LP stagnates): a **trust-region step** around the
    best observation (``lossopt.blackbox.local``): a linear / diagonal-quadratic model of v in
    log-λ coordinates fitted on the nearby observations, whose radius grows after a success and
@@ -59,7 +63,7 @@ import math
 import numpy as np
 
 from lossopt.blackbox.linreg import LinRegFit, learn_linreg
-from lossopt.blackbox.local import local_step, lp_region
+from lossopt.blackbox.local import ceiling_region, local_step, lp_region
 from lossopt.blackbox.space import (_as_matrix, _check_avoid, _check_observations, _feasible,
                                     design, normalize, perturb)
 from lossopt.constraints import BoundConstraint
@@ -118,8 +122,14 @@ def _fit(F, v, bound, lams, values):
     yields the LP's λ in the trust region halved, quartered, … (down to ``LP_MIN_RADIUS``), the
     steps to try when the LP's λ has been tried already (a rejected trust-region step)."""
     none = lambda: iter(())  # noqa: E731
+    if len(v) <= bound.k:  # underdetermined: no weight beyond the observed range
+        region = ceiling_region(lams, bound, LP_RADIUS)
+        fit = learn_linreg(F, v, region) if region is not None else None
+        if fit is None:
+            return learn_linreg(F, v, bound), none
+        return fit._replace(lam=normalize(_feasible(fit.lam, bound), bound)), none
     fit = learn_linreg(F, v, bound)
-    if fit is None or len(v) <= bound.k:
+    if fit is None:
         return fit, none
     if fit.slack <= FIT_TRUST * max(float(np.sum(v.max() - v)), 1e-300):
         return fit, none
