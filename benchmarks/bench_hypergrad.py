@@ -71,6 +71,18 @@ def paired(solve_fn, solve_args, grad_fn, grad_args, repeats):
     return statistics.median(ts), statistics.median(tg), ratio
 
 
+def round_robin(fns, repeats):
+    """{name: (fn, args)} -> {name: [seconds per repeat]}: compiled first, then timed in turns, so
+    that every repeat sees the same machine load for all of them."""
+    for fn, args in fns.values():
+        _run(fn, args)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (fn, args) in fns.items():
+            times[name].append(_run(fn, args))
+    return times
+
+
 def rel(a, b):
     a, b = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(b, np.float64))
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -134,8 +146,8 @@ def overhead_rows(case: Case, repeats, ref, matched=True, quick=False):
                     ("inner tol 1e-6, adjoint tol matched (default: 1e-6)", LBFGS(tol=1e-6), None, "cold")]
     configs += [(f"{pre}, adjoint warm-started from a nearby λ", None, None, "warm adjoint"),
                 (f"{pre}, inner and adjoint warm-started (as in tune)", None, None, "warm both")]
-    if quick:
-        configs = [c for c in configs if c[3] != "warm adjoint"]
+    if quick:  # the smoke run: cold rows only (the tune row covers warm starts); plain CG if matched
+        configs = [c for c in configs if c[3] == "cold" and "unmatched" not in c[0] and (matched or c[2] is None)]
     rows = []
     for label, inner, linear, start in configs:
         solve = lossopt.argmin(case.loss, inner, linear, on_unconverged="ignore")
@@ -205,7 +217,6 @@ def _size(case):
 def jaxopt_rows(case: Case, repeats, ref, quick=False):
     import functools
 
-    import jaxopt
     from jaxopt.implicit_diff import custom_root
     from jaxopt.linear_solve import solve_cg, solve_normal_cg
 
@@ -222,25 +233,38 @@ def jaxopt_rows(case: Case, repeats, ref, quick=False):
             return inner.run(lambda th: case.loss.value(lam, th, data), theta0)[0]
         return inner_solve
 
-    solvers = [
-        ("lossopt default (CG + L-BFGS preconditioner)", lossopt.argmin(case.loss, inner, on_unconverged="ignore")),
-        ("lossopt, plain CG", lossopt.argmin(case.loss, inner, CG(), on_unconverged="ignore")),
-        (f"jaxopt default (normal-equations CG), tol {tol:g}", wrap(functools.partial(solve_normal_cg, tol=tol))),
-        (f"jaxopt plain CG (solve_cg), tol {tol:g}", wrap(functools.partial(solve_cg, tol=tol))),
-        ("jaxopt default, its own tol (1e-5)", wrap(solve_normal_cg)),
-    ][: 4 if quick else 5]
-    rows = {}
-    for label, s in solvers:
-        solve_fn = jax.jit(lambda l, t0, d, s=s: s(t0, l, d) if label.startswith("jaxopt") else s(l, t0, d))
-        if label.startswith("jaxopt"):
-            grad_fn = jax.jit(jax.value_and_grad(lambda l, t0, d, v, s=s: case.V(s(t0, l, d), v)))
+    ours = lambda linear: lossopt.argmin(case.loss, inner, linear, on_unconverged="ignore")  # noqa: E731
+    solvers = {
+        "lossopt default (CG + L-BFGS preconditioner)": ours(None),
+        "lossopt, plain CG": ours(CG()),
+        f"jaxopt default (normal-equations CG), tol {tol:g}": wrap(functools.partial(solve_normal_cg, tol=tol)),
+        f"jaxopt plain CG (solve_cg), tol {tol:g}": wrap(functools.partial(solve_cg, tol=tol)),
+        "jaxopt default, its own tol (1e-5)": wrap(solve_normal_cg),
+    }
+    if quick:
+        del solvers["jaxopt default, its own tol (1e-5)"]
+    args = (lam, th0, tr, va)
+    fns = {"solve": (jax.jit(lambda l, t0, d: inner.run(lambda th: case.loss.value(l, th, d), t0)[0]), args[:3])}
+    for label, s in solvers.items():
+        if label.startswith("jaxopt"):  # custom_root's solver takes (init, *args)
+            f = lambda l, t0, d, v, s=s: case.V(s(t0, l, d), v)  # noqa: E731
         else:
-            grad_fn = jax.jit(jax.value_and_grad(lambda l, t0, d, v, s=s: case.V(s(l, t0, d), v)))
-        ts, tg, r = paired(solve_fn, (lam, th0, tr), grad_fn, (lam, th0, tr, va), repeats)
-        g = grad_fn(lam, th0, tr, va)[1]
-        rows[label] = dict(t_solve=ts, t_grad=tg, ratio=r, back=tg - ts, grad=g, err=rel(g, ref))
-    del jaxopt
-    return rows
+            f = lambda l, t0, d, v, s=s: case.V(s(l, t0, d), v)  # noqa: E731
+        fns[label] = (jax.jit(jax.value_and_grad(f)), args)
+    times = round_robin(fns, repeats)
+    rows = {}
+    for label in solvers:
+        back = [g - s for g, s in zip(times[label], times["solve"])]
+        g = fns[label][0](*args)[1]
+        rows[label] = dict(t_grad=statistics.median(times[label]), back_list=back, back=statistics.median(back),
+                           ratio=statistics.median(b / s for b, s in zip(back, times["solve"])), grad=g,
+                           err=rel(g, ref))
+    return rows, statistics.median(times["solve"])
+
+
+def backward_ratio(a, b):
+    """Median backward time of a / that of b (each backward = T_grad − T_solve of its round)."""
+    return a["back"] / b["back"]
 
 
 # ------------------------------------------------------------------ 3. unrolled
@@ -287,24 +311,29 @@ def unrolled_rows(case: Case, repeats, ref):
         return jax.lax.scan(lambda c, _: (UnitLBFGS.step(f, c), None), carry, None, length=steps)[0][0]
 
     N = int(lossopt.argmin(case.loss, UnitLBFGS()).with_info(lam, th0, tr)[1].steps)
-    solve_fn = jax.jit(lambda l, t0, d: lossopt.argmin(case.loss, UnitLBFGS(), on_unconverged="ignore")(l, t0, d))
-    out = dict(N=N)
+    args = (lam, th0, tr, va)
+    fns, out, ran = {}, dict(N=N), {}
     for mult in (1, 10):
         steps = N * mult
         # Implicit: the step cap is N or 10 N; at 10 N the tolerance is 0, so the solver keeps
         # stepping past convergence, the same work as the unrolled 10 N steps.
         imp = lossopt.argmin(case.loss, UnitLBFGS(maxiter=steps, tol=0.0 if mult == 10 else None),
                              linear_solver=CG(), on_unconverged="ignore")
-        for name, f in (("implicit", lambda l, t0, d, v, imp=imp: case.V(imp(l, t0, d), v)),
-                        ("unrolled", lambda l, t0, d, v, s=steps: case.V(unrolled(l, t0, d, s), v))):
-            grad_fn = jax.jit(jax.value_and_grad(f))
-            mem = grad_fn.lower(lam, th0, tr, va).compile().memory_analysis()
-            ts, tg, r = paired(solve_fn, (lam, th0, tr), grad_fn, (lam, th0, tr, va), repeats)
-            g = grad_fn(lam, th0, tr, va)[1]
-            ran = int(imp.with_info(lam, th0, tr)[1].steps) if name == "implicit" else steps
-            out[(name, mult)] = dict(steps=ran, t_grad=tg, t_solve=ts, err=rel(g, ref),
-                                     temp=mem.temp_size_in_bytes)
+        ran[("implicit", mult)] = int(imp.with_info(lam, th0, tr)[1].steps)
+        ran[("unrolled", mult)] = steps
+        fns[("implicit", mult)] = lambda l, t0, d, v, imp=imp: case.V(imp(l, t0, d), v)
+        fns[("unrolled", mult)] = lambda l, t0, d, v, s=steps: case.V(unrolled(l, t0, d, s), v)
+    fns = {key: (jax.jit(jax.value_and_grad(f)), args) for key, f in fns.items()}
+    times = round_robin(fns, repeats)
+    for key, (fn, _) in fns.items():
+        mem = fn.lower(*args).compile().memory_analysis()
+        out[key] = dict(steps=ran[key], t_grad=statistics.median(times[key]), times=times[key],
+                        err=rel(fn(*args)[1], ref), temp=mem.temp_size_in_bytes)
     return out
+
+
+def _med_ratio(a, b):
+    return statistics.median(x / y for x, y in zip(a["times"], b["times"]))
 
 
 # ------------------------------------------------------------------ 4. k-scaling
@@ -331,7 +360,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="n = 4000, d = 200, fewer repeats (~1 minute)")
     ap.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    n, d, repeats = (4000, 200, 3) if args.quick else (20000, 500, 7)
+    n, d, repeats = (4000, 200, 3) if args.quick else (20000, 500, 5)
     start = time.perf_counter()
     command = "python benchmarks/bench_hypergrad.py" + (" --quick" if args.quick else "")
     versions = (f"jax {jax.__version__}, jaxopt {importlib.metadata.version('jaxopt')}, "
@@ -363,28 +392,31 @@ def main(argv=None):
         ref = reference_hypergrad(case)
         rows = overhead_rows(case, repeats, ref, matched, args.quick)
         if case.lam.dtype == jnp.float64:
-            rows.append(tune_row(case, 5 if args.quick else 20, repeats))
+            rows.append(tune_row(case, 5 if args.quick else 15, repeats))
         emit(*overhead_table(case, rows), "")
         progress(case.name)
 
     # 2.
     case = cases["logistic float64"]
     ref = reference_hypergrad(case)
-    jo = jaxopt_rows(case, repeats, ref, args.quick)
+    jo, t_solve = jaxopt_rows(case, repeats, ref, args.quick)
     ours, plain = jo["lossopt default (CG + L-BFGS preconditioner)"], jo["lossopt, plain CG"]
     emit("### 2. Against jaxopt's implicit differentiation", "",
          f"`jaxopt.implicit_diff.custom_root` around the same L-BFGS inner solve (identical θ*), "
-         f"{case.name}, {_size(case)}; all timed as `jax.value_and_grad` of V(θ*(λ)). Backward = T_grad − T_solve.", "",
-         "| method | T_solve (s) | T_grad (s) | backward (s) | backward / solve | ∇λV rel. difference vs lossopt default | rel. error vs reference |",
-         "|---|---|---|---|---|---|---|")
+         f"{case.name}, {_size(case)}; every method timed as `jax.value_and_grad` of V(θ*(λ)), all of "
+         f"them and the inner solve alone (T_solve = {t_solve:.4f} s) in turns within each of "
+         f"{repeats} rounds; backward = T_grad − T_solve of the same round; the table shows medians over "
+         f"the rounds.", "",
+         "| method | T_grad (s) | backward (s) | backward / solve | ∇λV rel. difference vs lossopt default | rel. error vs reference |",
+         "|---|---|---|---|---|---|")
     for label, r in jo.items():
-        emit(f"| {label} | {r['t_solve']:.4f} | {r['t_grad']:.4f} | {r['back']:.4f} | {r['ratio']:.2f} | "
+        emit(f"| {label} | {r['t_grad']:.4f} | {r['back']:.4f} | {r['ratio']:.2f} | "
              f"{rel(r['grad'], ours['grad']):.1e} | {r['err']:.1e} |")
     jd = jo[next(k for k in jo if k.startswith("jaxopt default (normal"))]
     jc = jo[next(k for k in jo if k.startswith("jaxopt plain CG"))]
-    emit("", f"Backward-pass time, lossopt default / jaxopt default: **{ours['back'] / jd['back']:.2f}** "
-         f"(goal <= 0.7); / jaxopt plain CG: **{ours['back'] / jc['back']:.2f}** (goal <= 1.0). "
-         f"lossopt plain CG / jaxopt plain CG: {plain['back'] / jc['back']:.2f}. "
+    emit("", f"Backward-pass time, lossopt default / jaxopt default: **{backward_ratio(ours, jd):.2f}** "
+         f"(goal <= 0.7); / jaxopt plain CG: **{backward_ratio(ours, jc):.2f}** (goal <= 1.0). "
+         f"lossopt plain CG / jaxopt plain CG: {backward_ratio(plain, jc):.2f}. "
          f"Whole T_grad, lossopt / jaxopt default: {ours['t_grad'] / jd['t_grad']:.2f}; / jaxopt CG: "
          f"{ours['t_grad'] / jc['t_grad']:.2f}.", "")
 
@@ -408,9 +440,9 @@ def main(argv=None):
         emit(f"| {name} | {r['steps']} | {r['t_grad']:.4f} | {r['temp'] / 1e6:.2f} | {r['err']:.1e} |")
     i1, i10, u1, u10 = un[("implicit", 1)], un[("implicit", 10)], un[("unrolled", 1)], un[("unrolled", 10)]
     emit("", f"Memory at 10 N / N: implicit **{i10['temp'] / i1['temp']:.2f}** (flat), unrolled "
-         f"**{u10['temp'] / u1['temp']:.2f}**. Time, implicit / unrolled: **{i1['t_grad'] / u1['t_grad']:.2f}** at N steps, "
-         f"**{i10['t_grad'] / u10['t_grad']:.2f}** at 10 N. Memory, implicit / unrolled: {i1['temp'] / u1['temp']:.2f} at N, "
-         f"{i10['temp'] / u10['temp']:.2f} at 10 N.", "")
+         f"**{u10['temp'] / u1['temp']:.2f}**. Time, implicit / unrolled (median of per-round ratios): "
+         f"**{_med_ratio(i1, u1):.2f}** at N steps, **{_med_ratio(i10, u10):.2f}** at 10 N. Memory, "
+         f"implicit / unrolled: {i1['temp'] / u1['temp']:.2f} at N, {i10['temp'] / u10['temp']:.2f} at 10 N.", "")
 
     progress("unrolled")
     # 4.
