@@ -331,3 +331,103 @@ def test_underdetermined_lp_stays_below_the_observed_range():
     whole = learn_linreg(F, v, bound)
     assert np.all(fit.lam[1:] <= lams[:, 1:].max(0) * np.exp(LP_RADIUS) * (1 + 1e-9))
     assert whole.lam.max() > 100 * lams.max()  # the unbounded vertex it replaces
+
+
+# ------------------------------------------------------------ envelope-theorem local model
+def _quadratic_inner(k=6, p=9, seed=0):
+    """f_j(θ) = ½‖A_j θ − c_j‖²: θ*(λ) = (Σ λ_j A_jᵀA_j)⁻¹ Σ λ_j A_jᵀc_j in closed form."""
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(k, 7, p))
+    c = rng.normal(size=(k, 7))
+
+    def theta(lam):
+        Q = np.einsum("j,jab,jac->bc", lam, A, A)
+        return np.linalg.solve(Q, np.einsum("j,jab,ja->b", lam, A, c))
+
+    def f(lam):
+        return 0.5 * np.sum((A @ theta(lam) - c) ** 2, axis=1)
+
+    def true_M(lam):  # diag(λ)·J·diag(λ), J = ∂f/∂λ = −∇f H⁻¹ ∇fᵀ
+        t = theta(lam)
+        G = np.einsum("jab,ja->jb", A, A @ t - c)  # ∇_θ f_j
+        H = np.einsum("j,jab,jac->bc", lam, A, A)
+        J = -G @ np.linalg.solve(H, G.T)
+        return lam[:, None] * J * lam[None, :]
+
+    return f, theta, true_M
+
+
+def test_envelope_jacobian_matches_closed_form():
+    from lossopt.blackbox.local import envelope_jacobian
+
+    f, _, true_M = _quadratic_inner()
+    rng = np.random.default_rng(1)
+    lam0 = np.array([1.0, 0.5, 2.0, 0.3, 1.5, 0.8])
+    # 5 neighbours: fewer than the k + 1 = 7 a linear model of V in λ needs
+    L = np.vstack([lam0, lam0 * np.exp(0.01 * rng.normal(size=(5, 6)))])
+    F = np.array([f(x) for x in L])
+    M, resid = envelope_jacobian(L, F, 0, np.arange(1, 6))
+    Mt = true_M(lam0)
+    assert np.allclose(Mt, Mt.T, atol=1e-10) and np.allclose(Mt.sum(1), 0, atol=1e-10)
+    assert np.linalg.norm(M - Mt) / np.linalg.norm(Mt) < 0.02
+    assert resid < 0.02
+    assert np.all(np.linalg.eigvalsh(M) < 1e-6 * np.abs(Mt).max())  # negative semidefinite
+
+
+def test_envelope_gradient_direction():
+    """V a smooth function of f (∇_θ V in the span of the ∇_θ f_j): M·b is ∇_{log λ} V."""
+    from lossopt.blackbox.local import envelope_gradient
+
+    f, _, _ = _quadratic_inner()
+    w = np.array([0.3, 1.0, 0.2, 0.7, 0.5, 0.1])
+
+    def V(lam):
+        y = f(lam)
+        return np.log(w @ y) + 0.05 * (y[0] - y[3]) ** 2
+
+    rng = np.random.default_rng(2)
+    lam0 = np.array([1.0, 0.5, 2.0, 0.3, 1.5, 0.8])
+    L = np.vstack([lam0, lam0 * np.exp(1e-3 * rng.normal(size=(12, 6)))])
+    F = np.array([f(x) for x in L])
+    v = np.array([V(x) for x in L])
+    g = envelope_gradient(L, F, v, 0, np.arange(1, 13))
+    e = 1e-5
+    true_g = np.array([(V(lam0 * np.exp(e * u)) - V(lam0 * np.exp(-e * u))) / (2 * e)
+                       for u in np.eye(6)])
+    assert abs(true_g.sum()) < 1e-6 * np.abs(true_g).max()  # scale invariance
+    cos = g @ true_g / np.linalg.norm(g) / np.linalg.norm(true_g)
+    assert cos > 0.99
+    assert np.linalg.norm(g - true_g) / np.linalg.norm(true_g) < 0.1
+
+
+@pytest.mark.parametrize("name", ["fixed", "box", "simplex", "nonnegative"])
+def test_envelope_step_feasible_descends_deterministic(name):
+    from lossopt.blackbox.local import envelope_step
+
+    bound = bind(name)
+    f, _, _ = _quadratic_inner()
+    w = np.array([0.3, 1.0, 0.2, 0.7, 0.5, 0.1])
+    rng = np.random.default_rng(3)
+    E = np.exp(0.3 * rng.normal(size=(14, K)))
+    L = normalize(E / E.sum(1, keepdims=True) if name == "simplex" else np.stack(
+        [bound.project(x) for x in E]), bound)
+    assert np.all(L > 0)
+    F = np.array([f(x) for x in L])
+    v = np.log(F @ w)
+    lam = envelope_step(L, F, v, bound)
+    assert lam is not None
+    assert np.allclose(lam, envelope_step(L, F, v, bound))
+    assert np.allclose(bound.project(lam), lam, atol=1e-9)
+    assert np.allclose(normalize(lam, bound), lam)
+    i0 = int(np.argmin(v))
+    assert np.log(f(lam) @ w) < v[i0]  # a descent step (short, well-determined model)
+
+
+def test_envelope_step_declines():
+    from lossopt.blackbox.local import envelope_step
+
+    rng = np.random.default_rng(4)
+    for bound in (bind("signed"), nonnegative().bind(3, ["a", "b", "c"])):  # sign free; d < 4
+        L = normalize(np.stack([np.abs(bound.project(np.exp(0.3 * rng.normal(size=bound.k))))
+                                for _ in range(10)]), bound)
+        assert envelope_step(L, rng.random((10, bound.k)), rng.random(10), bound) is None

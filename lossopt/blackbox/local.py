@@ -21,6 +21,10 @@ region whose memory is the data itself, so the step is a function of the observa
 
 Returns None when Δ has shrunk below ``MIN_RADIUS`` (the incumbent is locally optimal to that
 resolution) — the caller explores elsewhere.
+
+``envelope_step``: the same trust region, but the gradient of V in log λ comes from a structural
+model — the Jacobian of f(θ*(λ)) from the envelope theorem (``envelope_jacobian``), combined with
+a local linear model of V in f (``envelope_gradient``).
 """
 
 from __future__ import annotations
@@ -246,3 +250,123 @@ def ceiling_region(lams: np.ndarray, bound: BoundConstraint,
     j = C.log & (hi <= 0)
     lo[j] = np.minimum(np.maximum(lo[j], -top[j]), hi[j])
     return BoundConstraint(bound.k, bound.names, lo, hi, bound.sum_mask, bound.total)
+
+
+# ------------------------------------------------------------------ envelope-theorem local model
+ENVELOPE_MAX_K = 30  # the dense Jacobian has k(k − 1)/2 unknowns: beyond this, the generic step
+ENVELOPE_MIN_DIM = 4  # below this many free components the generic step (measured better there)
+ENVELOPE_STEP = 0.25  # the step's length as a fraction of the trust radius Δ
+ENVELOPE_FIT = 0.5  # relative residual of the Jacobian fit above which it is not used
+
+
+def envelope_jacobian(lams: np.ndarray, features: np.ndarray, i0: int,
+                      rows: np.ndarray) -> tuple[np.ndarray, float]:
+    """The Jacobian of the trained model's features with respect to log λ near λ0 = lams[i0].
+
+    For an exact trainer φ(λ) = min_θ λ·f(θ) is concave with ∇φ(λ) = f(θ*(λ)) (envelope theorem),
+    so J = ∂f(θ*)/∂λ = ∇²φ is symmetric negative semidefinite, and J·λ = 0 (θ*(cλ) = θ*(λ)).
+    In the weighted features h = λ0 ⊙ f and x = log λ the local model is
+
+        h(x) − h0 ≈ M·(x − x0),   M = diag(λ0)·J·diag(λ0)  (symmetric, M·1 = 0),
+
+    scale-free: h_j is term j's share of the training objective. M is parametrized by its
+    off-diagonal entries (the diagonal is minus the row sum) and fitted by ridge least squares on
+    the observations ``rows`` (each gives k equations; about k/2 of them determine M, against
+    k(k + 1)/2 for a quadratic model of V in λ). Returns (M, relative residual of the fit).
+    Every λ used must be positive."""
+    lam0 = lams[i0]
+    k = lam0.size
+    X = np.log(lams[rows]) - np.log(lam0)
+    H = (features[rows] - features[i0]) * lam0
+    iu, ju = np.triu_indices(k, 1)
+    P = iu.size
+    D = X[:, ju] - X[:, iu]
+    A = np.zeros((len(rows), k, P))
+    A[:, iu, np.arange(P)] = D  # Δh_i = Σ_{j≠i} M_ij (Δx_j − Δx_i)
+    A[:, ju, np.arange(P)] = -D
+    A = A.reshape(-1, P)
+    y = H.reshape(-1)
+    AtA = A.T @ A
+    ridge = 1e-6 * max(float(np.trace(AtA)) / P, 1e-300)
+    m = np.linalg.solve(AtA + ridge * np.eye(P), A.T @ y)
+    M = np.zeros((k, k))
+    M[iu, ju] = m
+    M[ju, iu] = m
+    M[np.arange(k), np.arange(k)] = -M.sum(1)
+    norm = float(np.linalg.norm(y))
+    resid = float(np.linalg.norm(A @ m - y)) / norm if norm > 0 else np.inf
+    return M, resid
+
+
+def envelope_gradient(lams: np.ndarray, features: np.ndarray, values: np.ndarray, i0: int,
+                      rows: np.ndarray, prior_lam: Optional[np.ndarray] = None,
+                      weights: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """∇_x V at x0 = log lams[i0] (all k components) from the envelope-theorem model: with
+    V ≈ V0 + b·(h − h0) locally (b = a / λ0 for V ≈ V0 + a·(f − f0)) and h − h0 ≈ M·(x − x0)
+    (``envelope_jacobian``), ∇_x V ≈ M·b. b is fitted by weighted ridge least squares on the
+    observations ``rows`` (Δh, ΔV), shrunk towards a prior: a ∝ ``prior_lam`` (the LP's λ, whose
+    affine model is V ≈ (λ_LP·f − β)/α), its scale fitted on the same ΔV, or 0 without one — the
+    ΔV determine b only in the span of the Δh, the prior fills in the rest. Exact when V is a
+    smooth function of f (∇_θ V in the span of the ∇_θ f_j) and the Δx span every direction.
+    None when the Jacobian fit's relative residual exceeds ``ENVELOPE_FIT``."""
+    k = lams.shape[1]
+    M, resid = envelope_jacobian(lams, features, i0, rows)
+    if not resid <= ENVELOPE_FIT:
+        return None
+    lam0 = lams[i0]
+    H = (features[rows] - features[i0]) * lam0
+    dv = values[rows] - values[i0]
+    w = np.ones(len(rows)) if weights is None else weights
+    b0 = np.zeros(k)
+    if prior_lam is not None and np.all(np.isfinite(prior_lam)):
+        u = (features[rows] - features[i0]) @ prior_lam * w
+        if u @ u > 0:
+            b0 = max(0.0, float(u @ (dv * w)) / float(u @ u)) * prior_lam / lam0
+    A = H * w[:, None]
+    rho = 1e-3 * max(float(np.sum(A ** 2)) / k, 1e-300)
+    b = b0 + np.linalg.solve(A.T @ A + rho * np.eye(k), A.T @ ((dv - H @ b0) * w))
+    return M @ b
+
+
+def envelope_step(lams: np.ndarray, features: np.ndarray, values: np.ndarray,
+                  bound: BoundConstraint, prior_lam: Optional[np.ndarray] = None
+                  ) -> Optional[np.ndarray]:
+    """A step of ``ENVELOPE_STEP``·Δ from the incumbent (the best observation) against ∇_x V of
+    ``envelope_gradient`` (x = log λ; Δ: ``trust_radius``), on its 2k nearest neighbours in x
+    (weights 1 / (1 + (distance/Δ)²)), prior ``prior_lam``. Deterministic. None when it does
+    not apply: fewer than ``ENVELOPE_MIN_DIM`` free components, k > ``ENVELOPE_MAX_K``, a free
+    component whose sign its bounds leave free or fix negative, a λ <= 0 at the incumbent,
+    fewer than max(3, k/2) neighbours with positive λ, Δ < ``MIN_RADIUS``, a Jacobian fit worse
+    than ``ENVELOPE_FIT``, or no descent direction."""
+    k = bound.k
+    if len(values) < 4 or k > ENVELOPE_MAX_K:
+        return None
+    C = Coords(bound, lams)
+    d = C.dim
+    if d < ENVELOPE_MIN_DIM or C.lin.any() or not np.all(C.sign > 0):
+        return None
+    X = C.to(lams)
+    i0 = int(np.argmin(values))
+    if np.any(lams[i0] <= 0):
+        return None
+    dist = np.linalg.norm(X - X[i0], axis=1)
+    d_eff = d - 1 if C.cone else d
+    delta = trust_radius(X, i0, d_eff)
+    if delta < MIN_RADIUS:
+        return None
+    others = np.flatnonzero((dist > 1e-9) & np.all(lams > 0, axis=1))
+    others = others[np.argsort(dist[others], kind="stable")][: 2 * k]
+    if len(others) < max(3, (k + 1) // 2):
+        return None
+    g = envelope_gradient(lams, features, values, i0, others, prior_lam,
+                          1.0 / (1.0 + (dist[others] / delta) ** 2))  # nearer count more
+    if g is None:
+        return None
+    lam0 = lams[i0]
+    g = g[C.log]
+    if C.cone:
+        g = g - g.mean()
+    norm = float(np.linalg.norm(g))
+    if not norm > 0 or not np.isfinite(norm):
+        return None
+    return C.back(X[i0] - ENVELOPE_STEP * delta * g / norm, lam0)

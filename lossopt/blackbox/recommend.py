@@ -31,13 +31,27 @@ normalized λ (rows of an (n, k) array), distinct from each other and from the r
    exp(``LP_RADIUS``) times the largest observed (``local.ceiling_region``): with class_0 fixed at
    1 the vertex's other weights used to reach ~1e7; a weight may still go to 0 (bounding it below
    too, or centring the LP on the incumbent, made the pool benchmark 1.5–2× slower).
-3. Otherwise (the remaining 25%, or when the LP stagnates): a **trust-region step** around the
+3. In the first ``LOCAL_SHARE`` + ``ENVELOPE_SHARE`` = 25% + 25% of those draws (before the LP or
+   the generic step): the **envelope step** (``lossopt.blackbox.local.envelope_step``). For an
+   exact trainer φ(λ) = min_θ λ·f(θ) is concave with ∇φ = f(θ*(λ)), so the observed (λ_i, f_i)
+   near the incumbent give the Jacobian ∂f(θ*)/∂λ — symmetric negative semidefinite, null on λ —
+   from about k/2 of them (each gives k numbers); with a local linear model of V in f (shrunk
+   towards the LP's λ) it gives ∇_{log λ}V, and the step goes a quarter of the trust radius
+   against it. On the digits benchmark (k = 11) its steps improved the incumbent 51–54% of the time
+   (generic local steps 24%, the LP's λ 36%); over 48 seeds the best validation loss after 60
+   trainings reached the target (best + 1%) in 27 seeds instead of 23, median 0.11970 instead of
+   0.11982, mean 0.12003 instead of 0.12071 (giving the generic step the same extra share
+   instead: 9 of 24 seeds instead of 10). It applies with 4 to ``ENVELOPE_MAX_K`` = 30 free
+   components of fixed sign and positive λ near the incumbent (on (a) of the benchmark, 2 free
+   components, it was slightly slower: median 13–14 trainings instead of 12 over 9 seeds);
+   elsewhere, or when its Jacobian fit is poor, the draw goes on as below.
+4. Otherwise (the remaining 25%, or when the LP stagnates): a **trust-region step** around the
    best observation (``lossopt.blackbox.local``): a linear / diagonal-quadratic model of v in
    log-λ coordinates fitted on the nearby observations, whose radius grows after a success and
    shrinks after failures — the refinement LearnLinReg cannot do when v is not linear in f. It
    needs the λ of the observations: ``lams``, or, when not given, λ paired with observations
    through ``avoid`` (``pair_lams``: a training with λ_a returns argmin_i λ_a·f_i).
-4. If that repeats a known λ too: multiplicative steps λ_j·exp(σ·z_j) around the LP's λ
+5. If that repeats a known λ too: multiplicative steps λ_j·exp(σ·z_j) around the LP's λ
    (additive where a component's sign is free), σ doubling from 0.1; finally the design.
 
 **Initial design**: each free component independently log-uniform over 10^±3 around the
@@ -63,7 +77,7 @@ import math
 import numpy as np
 
 from lossopt.blackbox.linreg import LinRegFit, learn_linreg
-from lossopt.blackbox.local import ceiling_region, local_step, lp_region
+from lossopt.blackbox.local import ceiling_region, envelope_step, local_step, lp_region
 from lossopt.blackbox.space import (_as_matrix, _check_avoid, _check_observations, _feasible,
                                     design, normalize, perturb)
 from lossopt.constraints import BoundConstraint
@@ -74,6 +88,7 @@ EXPLORATION = 0.1
 DISTINCT_RTOL = 1e-3
 STAGNATION_RTOL = 0.05
 LOCAL_SHARE = 0.25
+ENVELOPE_SHARE = 0.25  # draws beyond LOCAL_SHARE that try the envelope step before the LP
 LP_OBSERVATIONS = 2  # the LP sees the best LP_OBSERVATIONS·(k + 1) observations
 FIT_TRUST = 1e-4  # relative slack below which the LP's model is trusted on the whole set
 LP_RADIUS = math.log(10.0) / 4  # the LP's trust region in log-λ: a quarter decade initially,
@@ -105,7 +120,7 @@ def recommend(features, values, bound: BoundConstraint, *, rng: np.random.Genera
     ok = ~np.isnan(known).any(1)
     fit, smaller = _fit(F[best], v[best], bound, known[ok], v[ok]) if F.shape[0] >= 2 else (
         None, None)
-    local = (known[ok], v[ok])
+    local = (known[ok], v[ok], F[ok])
     out = []
     for _ in range(n):
         lam = _propose(fit, local, bound, rng, taken, smaller)
@@ -175,6 +190,11 @@ def _propose(fit, local, bound, rng, taken, smaller=None) -> np.ndarray:
     draw = rng.random()
     if fit is not None and draw >= EXPLORATION:
         lp_turn = draw >= EXPLORATION + LOCAL_SHARE * (1 - EXPLORATION) or not len(local[1])
+        envelope_turn = draw < EXPLORATION + (LOCAL_SHARE + ENVELOPE_SHARE) * (1 - EXPLORATION)
+        if envelope_turn and len(local[1]):
+            lam = envelope_step(local[0], local[2], local[1], bound, prior_lam=fit.lam)
+            if lam is not None and _novel(lam, taken):
+                return lam
         if lp_turn and _novel(fit.lam, taken, STAGNATION_RTOL):
             return fit.lam
         if lp_turn and smaller is not None:
@@ -182,7 +202,7 @@ def _propose(fit, local, bound, rng, taken, smaller=None) -> np.ndarray:
                 if _novel(lam, taken, STAGNATION_RTOL):
                     return lam
         for attempt in range(4):
-            lam = local_step(*local, bound, rng, jitter=0.5 * attempt) if len(local[1]) else None
+            lam = local_step(*local[:2], bound, rng, jitter=0.5 * attempt) if len(local[1]) else None
             if lam is None:
                 break
             if _novel(lam, taken):
