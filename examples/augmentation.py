@@ -10,7 +10,7 @@ single augmentation (by validation loss), and random search over p with about th
 
 Needs the demo extra (``pip install -e '.[demo]'``). Then
 
-    python examples/augmentation.py            # 3 seeds, every method (about a minute per seed)
+    python examples/augmentation.py            # 3 seeds, every method (under a minute in all)
     python examples/augmentation.py --quick    # 1 seed, uniform vs online, short run (seconds)
 """
 

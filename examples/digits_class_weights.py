@@ -1,6 +1,6 @@
 """Learn per-class loss weights and an L2 weight for logistic regression on scikit-learn's digits.
 
-The same job as ``lossopt tune``, through the Python API. Needs the demo extra:
+The same job as ``lossopt tune --problem digits-class-weights``, through the Python API. Needs the demo extra:
 ``pip install -e '.[demo]'``, then ``python examples/digits_class_weights.py [--steps N]``.
 """
 
