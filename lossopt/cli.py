@@ -50,6 +50,24 @@ def _check_writable(path: Path, option: str) -> None:
         raise CLIError(f"{option} {path}: folder {parent} is not writable")
 
 
+def _check_plot_path(path: Path) -> None:
+    """Fail before any work if --plot cannot be written: folder, matplotlib, file format."""
+    _check_writable(path, "--plot")
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase  # no pyplot, no backend yet
+    except ImportError:
+        raise CLIError("--plot needs matplotlib: pip install 'lossopt[demo]'") from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    ext = path.suffix[1:].lower()
+    known = ", ".join(sorted(formats))
+    if not ext:
+        raise CLIError(f"--plot {path}: no file extension; give one matplotlib can write "
+                       f"({known})")
+    if ext not in formats:
+        raise CLIError(f"--plot {path}: matplotlib cannot write .{ext} files; use one of "
+                       f"{known}")
+
+
 def _require_matplotlib():
     try:
         import matplotlib
@@ -140,7 +158,8 @@ def _add_tune(subparsers) -> None:
     p.add_argument("--out", type=Path, metavar="FILE.json",
                    help="write the result (λ0, learned λ, metrics, per-step history) as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png",
-                   help="write a PNG of the validation loss per step (needs matplotlib)")
+                   help="plot the validation loss per step to FILE (needs matplotlib; the "
+                        "format comes from the extension: png, pdf, svg, ...)")
     p.add_argument("--quiet", action="store_true",
                    help="no per-step progress lines; print only the final summary")
     p.set_defaults(func=cmd_tune)
@@ -169,8 +188,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.out is not None:
         _check_writable(args.out, "--out")
     if args.plot is not None:
-        _check_writable(args.plot, "--plot")
-        _require_matplotlib()
+        _check_plot_path(args.plot)
 
     import jax
 

@@ -207,3 +207,51 @@ def test_recommend_example_in_a_subprocess_matches_a_study(capsys):
     study = Study(names=names, constraint=nonnegative() & fixed({"class_0": 1.0}), seed=0)
     study.tell_file(EXAMPLE)
     assert study.ask().params == lam
+
+
+def test_cli_tell_rejects_a_negative_lam_and_stores_nothing(tmp_path, capsys):
+    db = tmp_path / "study.db"
+    code, _, _ = run(capsys, "study", "create", db, "--names", "data", "l2", "--fixed", "data=1",
+                     "--bounds", "l2=1e-6:10")
+    assert code == 0
+    code, out, err = run(capsys, "study", "tell", db, "--features", "0.3", "9", "--value", "0.4",
+                         "--lam", "1", "-1")
+    assert code == 1 and out == ""
+    assert "λ_l2 = -1.0" in err and ">= 0" in err and "Traceback" not in err
+    assert Study(storage=str(db)).trials == []
+    bad = tmp_path / "neg.jsonl"
+    bad.write_text('{"val_loss": 0.4, "f_data": 1, "f_l2": 2, "lam_data": 1, "lam_l2": -3}\n')
+    code, _, err = run(capsys, "study", "tell", db, bad)
+    assert code == 1 and "line 1, column 'lam_l2'" in err and "λ_l2 = -3" in err
+    code, _, err = run(capsys, "recommend", bad, "--fixed", "data=1")
+    assert code == 1 and "line 1, column 'lam_l2'" in err
+    code, out, _ = run(capsys, "study", "tell", db, "--features", "0.3", "9", "--value", "0.4",
+                       "--lam", "2", "0.6")  # off only by scale: accepted
+    assert code == 0 and json_lines(out) == [{"told": [0]}]
+
+
+def test_constraint_errors_name_the_option_not_a_repr(tmp_path, capsys):
+    code, _, err = run(capsys, "recommend", EXAMPLE, "--fixed", "foo=1")
+    assert code == 1
+    assert "--fixed foo=1: unknown component name 'foo' (names: class_0, class_1" in err
+    assert "fixed({" not in err and "{'foo'" not in err
+    code, _, err = run(capsys, "recommend", EXAMPLE, "--bounds", "zz=0:1")
+    assert code == 1 and "--bounds zz=0:1: unknown component name 'zz'" in err
+    assert "box(" not in err
+    code, _, err = run(capsys, "recommend", EXAMPLE, "--fixed", "class_0=1", "--bounds",
+                       "class_0=2:3")
+    assert code == 1 and "--bounds class_0=2:3" in err and "box(" not in err
+    code, _, err = run(capsys, "study", "create", tmp_path / "s.db", "--names", "a", "b",
+                       "--fixed", "c=1")
+    assert code == 1 and "--fixed c=1: unknown component name 'c' (names: a, b)" in err
+    assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.parametrize("verb", [["recommend"], ["study", "create"]])
+def test_constraint_options_are_listed_once_in_help(capsys, verb):
+    code, out, _ = run(capsys, *verb, "--help")
+    assert code == 0
+    body = out.split("\n\n", 1)[1]  # after the usage lines
+    for option in ("--fixed NAME=VALUE", "--bounds NAME=LO:HI", "--simplex "):
+        assert sum(line.lstrip().startswith(option) for line in body.splitlines()) == 1, option
+    assert "constraint (λ >= 0 always)" in out and "cone" in out

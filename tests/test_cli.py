@@ -101,6 +101,33 @@ def test_bad_output_path_fails_fast(tmp_path, capsys):
     assert "does not exist" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("name,problem", [
+    ("p.txt", "matplotlib cannot write .txt files; use one of"),
+    ("p", "no file extension"),
+    ("missing/p.png", "does not exist"),
+])
+def test_bad_plot_path_fails_fast(tmp_path, capsys, monkeypatch, name, problem):
+    import lossopt
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("the job ran before --plot was checked")
+
+    monkeypatch.setattr(lossopt, "tune", no_tuning)
+    monkeypatch.setattr(lossopt, "argmin", no_tuning)
+    assert main(["tune", "--quiet", "--steps", "0", "--plot", str(tmp_path / name)]) == 1
+    err = capsys.readouterr().err
+    assert f"--plot {tmp_path / name}: " in err and problem in err
+    assert "LOSSOPT_DEBUG" not in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_plot_needs_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)
+    assert main(["tune", "--steps", "0", "--plot", str(tmp_path / "p.png")]) == 1
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib" in err and "Traceback" not in err
+
+
 def test_missing_sklearn_is_a_message(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)

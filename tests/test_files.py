@@ -8,6 +8,7 @@ import pytest
 
 from lossopt.blackbox import ObservationsError, ObservationsNote, Study, read_observations
 from lossopt.blackbox.files import write_observations
+from lossopt.constraints import fixed, nonnegative
 
 
 def write(tmp_path, text, name="obs.csv", mode="w"):
@@ -79,7 +80,7 @@ CSV_ERRORS = [
     ("val_loss,f_\n0.5,1\n", 1, "f_", "needs a name"),
     ("val_loss,f_a,f_b,lam_a\n0.5,1,2,1\n", 1, None, "missing ['lam_b']"),
     ("val_loss,f_a,lam_c\n0.5,1,1\n", 1, "lam_c", "no matching feature column f_c"),
-    ("val_loss,f_a,f_b,lam_a,lam_b\n0.5,1,2,1,\n", 2, "lam_b", "empty λ cell"),
+    ("val_loss,f_a,f_b,lam_a,lam_b\n0.5,1,2,1,\n", 2, "lam_b", "no λ value here"),
     ("val_loss,f_a,lam_a\n0.5,1,nan\n", 2, "lam_a", "nan is not a finite number"),
     ("val_loss,f_a,failed\n0.5,1,maybe\n", 2, "failed", "not a boolean"),
     ("val_loss,f_a,state\n0.5,1,done\n", 2, "state", "not one of complete, failed, pending"),
@@ -104,10 +105,10 @@ JSONL_ERRORS = [
     ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4, "f_a": Infinity}\n', 2, "f_a", "inf is not"),
     ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4, "f_a": "one"}\n', 2, "f_a",
      "'one' is not a number"),
-    ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4, "f_a": null}\n', 2, "f_a", "missing value"),
-    ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4}\n', 2, "f_a", "missing value"),
+    ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4, "f_a": null}\n', 2, "f_a", "null value"),
+    ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4}\n', 2, "f_a", "missing key"),
     ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.4, "f_a": 1, "f_b": 2}\n', 1, "f_b",
-     "missing value"),
+     "missing key"),
     ('{"val_loss": 0.5, "f_a": 1, "f_a": 2}\n', 1, "f_a", "duplicate key"),
     ('{"val_loss": 0.5, "f_a": 1}\n{"val_loss": 0.5, "f_a": \n', 2, None, "invalid JSON"),
     ('{"val_loss": 0.5, "f_a": 1}\n[0.5, 1]\n', 2, None, "expected one JSON object"),
@@ -192,3 +193,45 @@ def test_export_reads_back_exactly(tmp_path, fmt):
     copy = Study(names=["a", "b"])
     copy.tell_file(out)
     assert [(t.state, t.value) for t in copy.trials] == [(t.state, t.value) for t in study.trials]
+
+
+def test_jsonl_missing_keys_are_not_called_empty_cells(tmp_path):
+    path = write(tmp_path, '{"val_loss": 0.5, "f_a": 1, "f_b": 2}\n{"val_loss": 0.4, "f_a": 1}\n',
+                 "obs.jsonl")
+    with pytest.raises(ObservationsError) as info:
+        read_observations(path)
+    assert "missing key" in str(info.value) and "empty cell" not in str(info.value)
+    path = write(tmp_path, '{"val_loss": null, "f_a": 1}\n', "null.jsonl")
+    with pytest.raises(ObservationsError, match="column 'val_loss': null value"):
+        read_observations(path)
+
+
+def test_same_k_wrong_names_says_only_that_the_names_differ(tmp_path):
+    study = Study(names=["data", "l2"])
+    path = write(tmp_path, "val_loss,f_a,f_b\n0.5,1,2\n", "ab.csv")
+    with pytest.raises(ValueError) as info:
+        study.tell_file(path)
+    message = str(info.value)
+    assert "do not match the study's names" in message
+    assert "missing ['f_data', 'f_l2']" in message and "not in the study ['f_a', 'f_b']" in message
+    assert "k = 2" not in message
+    assert study.trials == []
+
+
+def test_tell_file_rejects_a_negative_lam_naming_row_and_column(tmp_path):
+    study = Study(names=["data", "l2"], constraint=nonnegative() & fixed({"data": 1.0}))
+    path = write(tmp_path, "val_loss,f_data,f_l2,lam_data,lam_l2\n0.5,1,2,1,0.1\n"
+                           "0.4,1,3,1,-0.2\n", "neg.csv")
+    with pytest.raises(ObservationsError) as info:
+        study.tell_file(path)
+    assert (info.value.line, info.value.column) == (3, "lam_l2")
+    assert "λ_l2 = -0.2" in str(info.value) and ">= 0" in str(info.value)
+    assert study.trials == []  # nothing stored
+    fresh = Study()  # k and names from the file: checked before the study is created
+    with pytest.raises(ObservationsError, match="column 'lam_l2'"):
+        fresh.tell_file(path)
+    assert fresh.k is None
+    inf = write(tmp_path, "val_loss,f_data,f_l2,lam_data,lam_l2\n0.5,1,2,1,inf\n", "inf.csv")
+    with pytest.raises(ObservationsError, match=r"line 2, column 'lam_l2'.*not a finite number"):
+        study.tell_file(inf)
+    assert study.trials == []

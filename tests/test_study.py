@@ -259,3 +259,42 @@ def test_reaches_the_best_model_of_a_finite_pool(seed):
         if values[i] == values.min():
             break
     assert study.best.value == values.min(), f"not reached in {step} trainings"
+
+
+def test_told_lam_must_be_nonnegative_where_the_constraint_requires_it():
+    study = Study(names=["data", "l2"],
+                  constraint=nonnegative() & fixed({"data": 1.0}) & box({"l2": 1e-6}, {"l2": 10}))
+    with pytest.raises(ValueError) as info:
+        study.tell([0.3, 9.0], 0.4, lam=[1.0, -1.0])
+    assert "λ_l2 = -1.0" in str(info.value) and "'l2'" in str(info.value)
+    assert ">= 0" in str(info.value)
+    with pytest.raises(ValueError, match=r"lam: component 'l2' \(index 1\) is nan"):
+        study.tell([0.3, 9.0], 0.4, lam=[1.0, float("nan")])
+    assert study.trials == []  # nothing stored
+    # off only by scale from the fixed component: the same trained model, accepted as told
+    i = study.tell([0.3, 9.0], 0.4, lam=[2.0, 0.6])
+    assert np.array_equal(study.trials[i].lam, [2.0, 0.6])
+    # zero is not negative (off the box, an imported result)
+    study.tell([0.2, 8.0], 0.5, lam=[1.0, 0.0])
+    # where the constraint allows negative λ, a negative told λ is fine
+    free = Study(names=["a", "b"], constraint=box({"a": -5.0}, {"a": 5.0}) & fixed({"b": 1.0}))
+    free.tell([1.0, 2.0], 0.3, lam=[-1.0, 1.0])
+
+
+def test_the_recommender_sees_told_lams_on_the_constraints_scale(monkeypatch):
+    import lossopt.blackbox.recommend as R
+
+    seen = {}
+    real = R.recommend
+
+    def spy(features, values, bound, *, rng, n=1, avoid=None, lams=None):
+        seen["avoid"] = None if avoid is None else np.array(avoid)
+        return real(features, values, bound, rng=rng, n=n, avoid=avoid, lams=lams)
+
+    monkeypatch.setattr(R, "recommend", spy)
+    study = Study(names=["data", "l2"], constraint=nonnegative() & fixed({"data": 1.0}))
+    study.tell([0.3, 9.0], 0.4, lam=[2.0, 0.6])
+    study.tell([0.5, 4.0], 0.3, lam=[1.0, 0.1])
+    study.ask()
+    assert np.allclose(seen["avoid"], [[1.0, 0.3], [1.0, 0.1]])
+    assert np.isfinite(seen["avoid"]).all() and (seen["avoid"] >= 0).all()

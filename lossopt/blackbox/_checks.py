@@ -120,3 +120,21 @@ def as_value(x: Any, what: str = "value") -> float:
 
 def _label(i: int, names: Optional[Sequence[str]]) -> str:
     return f"component {names[i]!r} (index {i})" if names is not None else f"component {i}"
+
+
+def negative_lam(lam: np.ndarray, bound: Any) -> Optional[int]:
+    """The index of the first component of a told λ that is negative where ``bound`` (a
+    BoundConstraint) requires λ_i >= 0 (its lower bound is >= 0), or None.
+
+    Only the sign is checked: a told λ may be off by scale from the constraint (e.g. data = 2 where
+    data is fixed at 1; argmin_θ (cλ)·f = argmin_θ λ·f) or come from outside its box — an imported
+    result is still a valid observation — but a negative weight where λ >= 0 is required is not.
+    """
+    bad = np.flatnonzero((np.asarray(bound.lower) >= 0) & (np.asarray(lam) < 0))
+    return int(bad[0]) if bad.size else None
+
+
+def negative_lam_problem(lam: np.ndarray, i: int, bound: Any) -> str:
+    """The message for :func:`negative_lam`'s component i (named, with its index)."""
+    return (f"λ_{bound.names[i]} = {float(lam[i])} (component {bound.names[i]!r}, index {i}) is "
+            f"negative, but the constraint requires λ_{bound.names[i]} >= 0 (λ is nonnegative)")

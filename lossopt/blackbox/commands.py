@@ -15,23 +15,22 @@ from typing import List, Optional, Sequence
 
 from lossopt.cli import CLIError, _jsonable
 
-CONSTRAINT_HELP = """\
-constraint (λ >= 0 always):
-  --fixed NAME=VALUE   pin one component (e.g. --fixed data=1 fixes the scale)
-  --bounds NAME=LO:HI  keep LO <= λ_NAME <= HI; LO or HI may be left empty (0 and +inf)
-  --simplex            λ >= 0 and Σ λ = 1: suggestions also come as probabilities
+CONSTRAINT_TITLE = "constraint (λ >= 0 always)"
+CONSTRAINT_DESCRIPTION = """\
 Without --fixed, --simplex or a finite upper bound the feasible set is a cone (the trained model
 does not change when λ is scaled), and suggestions are normalized."""
 
 
 # ----------------------------------------------------------------------------- constraints
 def _add_constraint_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fixed", action="append", default=[], metavar="NAME=VALUE",
-                   help="fix λ_NAME = VALUE (repeatable)")
-    p.add_argument("--bounds", action="append", default=[], metavar="NAME=LO:HI",
-                   help="LO <= λ_NAME <= HI, either side may be empty (repeatable)")
-    p.add_argument("--simplex", action="store_true",
-                   help="λ on the probability simplex (λ >= 0, Σ λ = 1)")
+    g = p.add_argument_group(CONSTRAINT_TITLE, CONSTRAINT_DESCRIPTION)
+    g.add_argument("--fixed", action="append", default=[], metavar="NAME=VALUE",
+                   help="pin λ_NAME = VALUE (repeatable; e.g. --fixed data=1 fixes the scale)")
+    g.add_argument("--bounds", action="append", default=[], metavar="NAME=LO:HI",
+                   help="keep LO <= λ_NAME <= HI; LO or HI may be left empty (0 and +inf) "
+                        "(repeatable)")
+    g.add_argument("--simplex", action="store_true",
+                   help="λ >= 0 and Σ λ = 1: suggestions also come as probabilities")
 
 
 def _split_assignment(text: str, option: str, example: str) -> tuple:
@@ -61,16 +60,20 @@ def _check_file(path: str) -> None:
 
 
 def constraint_from_args(fixed: Sequence[str] = (), bounds: Sequence[str] = (),
-                         simplex: bool = False):
+                         simplex: bool = False, sources: Optional[dict] = None):
     """``nonnegative()`` and the --fixed / --bounds / --simplex options, as one Constraint.
 
     Negative values, inverted bounds and a name given twice are usage errors (exit code 2); names
-    are resolved (and an infeasible combination detected) when the constraint is bound.
+    are resolved (and an infeasible combination detected) when the constraint is bound — use
+    :func:`bind_from_args` for messages that name the options. Each option becomes its own part;
+    ``sources`` (if given) receives {repr(part): the option as typed, e.g. "--fixed data=1"}.
     """
     from lossopt import constraints as C
 
+    sources = {} if sources is None else sources
     out = C.nonnegative()
-    pinned = {}
+    sources[repr(out)] = "λ >= 0"
+    pinned = set()
     for text in fixed:
         name, value = _split_assignment(text, "--fixed", "NAME=VALUE, e.g. data=1")
         value = _parse_float(value, f"--fixed {text}")
@@ -78,18 +81,20 @@ def constraint_from_args(fixed: Sequence[str] = (), bounds: Sequence[str] = (),
             raise CLIError(f"--fixed {text}: {value} is negative; λ is nonnegative", code=2)
         if name in pinned:
             raise CLIError(f"--fixed: {name!r} is given twice", code=2)
-        pinned[name] = value
-    if pinned:
-        out = out & C.fixed(pinned)
-    lower, upper = {}, {}
+        pinned.add(name)
+        part = C.fixed({name: value})
+        sources[repr(part)] = f"--fixed {text}"
+        out = out & part
+    seen = set()
     for text in bounds:
         name, spec = _split_assignment(text, "--bounds", "NAME=LO:HI, e.g. l2=1e-6:10")
         lo_text, sep, hi_text = spec.partition(":")
         if not sep:
             raise CLIError(f"--bounds {text}: expected NAME=LO:HI (LO or HI may be empty)",
                            code=2)
-        if name in lower or name in upper:
+        if name in seen:
             raise CLIError(f"--bounds: {name!r} is given twice", code=2)
+        seen.add(name)
         lo = _parse_float(lo_text, f"--bounds {text}: LO") if lo_text.strip() else 0.0
         hi = (_parse_float(hi_text, f"--bounds {text}: HI", allow_inf=True)
               if hi_text.strip() else math.inf)
@@ -98,15 +103,39 @@ def constraint_from_args(fixed: Sequence[str] = (), bounds: Sequence[str] = (),
                            code=2)
         if lo > hi:
             raise CLIError(f"--bounds {text}: inverted bounds, LO = {lo} > HI = {hi}", code=2)
-        if lo_text.strip():
-            lower[name] = lo
-        if hi_text.strip() and math.isfinite(hi):
-            upper[name] = hi
-    if lower or upper:
-        out = out & C.box(lower or None, upper or None)
+        lower = {name: lo} if lo_text.strip() else None
+        upper = {name: hi} if hi_text.strip() and math.isfinite(hi) else None
+        if lower or upper:
+            part = C.box(lower, upper)
+            sources[repr(part)] = f"--bounds {text}"
+            out = out & part
     if simplex:
-        out = out & C.simplex(1.0)
+        part = C.simplex(1.0)
+        sources[repr(part)] = "--simplex"
+        out = out & part
     return out
+
+
+def bind_from_args(args: argparse.Namespace, k: int, names: Sequence[str]):
+    """The --fixed / --bounds / --simplex options bound to (k, names); every error names the
+    option as the user typed it (never a Python repr)."""
+    sources: dict = {}
+    constraint = constraint_from_args(args.fixed, args.bounds, args.simplex, sources)
+    names = list(names)
+    shown = ", ".join(names[:20]) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
+    for option, texts in (("--fixed", args.fixed), ("--bounds", args.bounds)):
+        for text in texts:
+            name = text.rpartition("=")[0].strip()
+            if name not in names:
+                raise CLIError(f"{option} {text}: unknown component name {name!r} "
+                               f"(names: {shown})")
+    try:
+        return constraint.bind(k, names)
+    except ValueError as e:
+        message = str(e)
+        for part, flag in sources.items():
+            message = message.replace(part, flag)
+        raise CLIError(message) from None
 
 
 def _suggestion_json(s) -> dict:
@@ -185,7 +214,6 @@ def _add_study(subparsers) -> None:
 
     c = verbs.add_parser("create", help="create a study file",
                          description="Create a study in a new SQLite file.",
-                         epilog=CONSTRAINT_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("storage", metavar="STORAGE", help="path of the SQLite file to create")
     size = c.add_mutually_exclusive_group(required=True)
@@ -242,7 +270,7 @@ def cmd_study_create(args: argparse.Namespace) -> int:
     names = None
     if args.names is not None:
         names = [n.strip() for chunk in args.names for n in chunk.split(",") if n.strip()]
-    constraint = constraint_from_args(args.fixed, args.bounds, args.simplex)
+    constraint_from_args(args.fixed, args.bounds, args.simplex)  # usage errors first
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}", code=2)
     k = None if names is not None else args.k
@@ -253,7 +281,8 @@ def cmd_study_create(args: argparse.Namespace) -> int:
         names = check_names(names)
     else:
         check_k(k, "--k")
-    constraint.bind(len(names) if names is not None else k, names)
+    constraint = bind_from_args(args, len(names) if names is not None else k,
+                                names if names is not None else tuple(map(str, range(k))))
     study = Study(k=k, names=names, constraint=constraint, storage=args.storage, seed=args.seed)
     from lossopt.blackbox.storage import bound_to_json
 
@@ -348,8 +377,7 @@ def _add_recommend(subparsers) -> None:
     p = subparsers.add_parser(
         "recommend", help="recommend the next λ from an observations file (JSON)",
         description=RECOMMEND_DESCRIPTION,
-        epilog=CONSTRAINT_HELP + "\n\nexample:\n  lossopt recommend examples/observations.csv "
-                                 "--fixed class_0=1",
+        epilog="example:\n  lossopt recommend examples/observations.csv --fixed class_0=1",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", metavar="FILE", help="observations (.csv or .jsonl)")
     _add_constraint_options(p)
@@ -362,14 +390,15 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lossopt.blackbox.files import read_observations
-    from lossopt.blackbox.study import next_lams, probabilities
+    from lossopt.blackbox.study import check_told_lams, next_lams, probabilities
 
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}", code=2)
-    constraint = constraint_from_args(args.fixed, args.bounds, args.simplex)
+    constraint_from_args(args.fixed, args.bounds, args.simplex)  # usage errors first
     _check_file(args.file)
     obs = read_observations(args.file)
-    bound = constraint.bind(obs.k, obs.names)
+    bound = bind_from_args(args, obs.k, obs.names)
+    check_told_lams(obs, bound)
     ok = ~obs.failed
     known = ~np.isnan(obs.lams).any(axis=1)
     lam = next_lams(obs.features[ok], obs.values[ok], obs.lams[known] if known.any() else None,

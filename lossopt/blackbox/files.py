@@ -13,7 +13,7 @@ Columns (CSV header, or the keys of each JSON object):
 
 Any other column is ignored with an :class:`ObservationsNote` warning. A UTF-8 byte-order mark is
 accepted. In JSON Lines the columns are the union of the objects' keys, a key absent from an
-object (or null) is an empty cell, and numbers may also be written as strings. Every error names
+object (or null) is an empty cell (reported as a missing key / null value), and numbers may also be written as strings. Every error names
 the file, the line and the column. Files are parsed as text — never
 executed, evaluated or unpickled.
 """
@@ -244,10 +244,14 @@ def _parse(path: str, records, names: Optional[Sequence[str]]) -> Observations:
         if set(feats) != set(names) or len(feats) != len(names):
             missing = [f"f_{n}" for n in names if n not in feats]
             extra = [f"f_{n}" for n in feats if n not in names]
+            if len(feats) == len(names):
+                problem = (f"the feature columns do not match the study's names "
+                           f"{list(names)[:20]}")
+            else:
+                problem = (f"the file has k = {len(feats)} feature columns but the study has "
+                           f"k = {len(names)} (names {list(names)[:20]})")
             raise ObservationsError(
-                path, header_line, None,
-                f"the file has k = {len(feats)} feature columns but the study has k = "
-                f"{len(names)} (names {list(names)[:20]})"
+                path, header_line, None, problem
                 + (f"; missing {missing[:10]}" if missing else "")
                 + (f"; not in the study {extra[:10]}" if extra else ""))
         feats = list(names)
@@ -273,8 +277,9 @@ def _parse(path: str, records, names: Optional[Sequence[str]]) -> Observations:
             empty = [f"lam_{n}" for n in feats if _is_empty(cells.get(f"lam_{n}"))]
             if empty and len(empty) != k:
                 raise ObservationsError(path, line, empty[0],
-                                        "empty λ cell in a row with other λ cells filled; leave "
-                                        "all lam_ cells of a row empty when its λ is unknown")
+                                        "no λ value here, in a row with other λ values given; "
+                                        "leave all lam_ values of a row empty (or null) when "
+                                        "its λ is unknown")
             if not empty:
                 lams[r] = [_number(path, line, f"lam_{n}", cells, False, hint="")
                            for n in feats]
@@ -333,8 +338,10 @@ def _number(path: str, line: int, column: str, cells: dict, lenient: bool,
     if _is_empty(cell):
         if lenient:
             return math.nan
-        raise ObservationsError(path, line, column, "missing value (empty cell); mark the row "
-                                "failed = 1 if the training produced no result")
+        what = ("missing key" if column not in cells else "null value" if cell is None else
+                "missing value (empty cell)")
+        raise ObservationsError(path, line, column, f"{what}; mark the row failed = 1 if the "
+                                "training produced no result")
     if isinstance(cell, str):
         text = cell.strip()
         if _NUMBER.fullmatch(text):

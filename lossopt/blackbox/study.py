@@ -22,8 +22,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from lossopt.blackbox._checks import MAX_K, as_value, as_vector, check_k, check_names
-from lossopt.blackbox.files import read_observations, write_observations
+from lossopt.blackbox._checks import (MAX_K, as_value, as_vector, check_k, check_names,
+                                      negative_lam, negative_lam_problem)
+from lossopt.blackbox.files import (Observations, ObservationsError, read_observations,
+                                    write_observations)
 from lossopt.blackbox.storage import (Storage, StudyMeta, Trial, bound_to_json, open_storage)
 from lossopt.constraints import BoundConstraint, Constraint, nonnegative
 
@@ -72,7 +74,7 @@ def next_lams(features: np.ndarray, values: np.ndarray, avoid: Optional[np.ndarr
     features = np.asarray(features, np.float64).reshape(-1, k)
     values = np.asarray(values, np.float64).reshape(-1)
     if avoid is not None:
-        avoid = np.asarray(avoid, np.float64).reshape(-1, k)
+        avoid = _on_scale(np.asarray(avoid, np.float64).reshape(-1, k), bound)
         if not len(avoid):
             avoid = None
     lams = np.asarray(recommend(features, values, bound, rng=rng, n=n, avoid=avoid), np.float64)
@@ -80,6 +82,36 @@ def next_lams(features: np.ndarray, values: np.ndarray, avoid: Optional[np.ndarr
         raise RuntimeError(f"the recommender returned an array of shape {lams.shape} with "
                            f"non-finite entries or the wrong shape (expected ({n}, {k}))")
     return lams
+
+
+def _on_scale(lams: np.ndarray, bound: BoundConstraint) -> np.ndarray:
+    """Told λ as the recommender expects them: finite, >= 0 where the constraint requires it (rows
+    that are not — only possible in storage written before told λ were checked — are dropped),
+    and rescaled onto the constraint's scale when they are off only by a common positive factor
+    from its fixed components (e.g. data = 2, l2 = 0.6 where data is fixed at 1 becomes data = 1,
+    l2 = 0.3: the same trained model, since argmin_θ (cλ)·f = argmin_θ λ·f)."""
+    keep = np.isfinite(lams).all(1) & ~((bound.lower >= 0) & (lams < 0)).any(1)
+    lams = lams[keep].copy()
+    pinned = bound.fixed_mask & (bound.lower > 0)
+    if pinned.any() and len(lams):
+        ratio = lams[:, pinned] / bound.lower[pinned]
+        c = ratio[:, 0]
+        same = (c > 0) & np.all(np.abs(ratio - c[:, None]) <= 1e-9 * c[:, None], axis=1) & (c != 1)
+        lams[same] /= c[same, None]
+    return lams
+
+
+def check_told_lams(obs: Observations, bound: BoundConstraint) -> None:
+    """Raises ObservationsError (row and lam_ column named) for the first row of a file whose λ
+    is negative where ``bound`` requires λ >= 0."""
+    for r in range(len(obs)):
+        lam = obs.lams[r]
+        if np.isnan(lam).any():
+            continue
+        i = negative_lam(lam, bound)
+        if i is not None:
+            raise ObservationsError(obs.path, int(obs.lines[r]), f"lam_{bound.names[i]}",
+                                    negative_lam_problem(lam, i, bound))
 
 
 class Study:
@@ -250,8 +282,12 @@ class Study:
           features: f(θ) of the trained model, length k, finite. May be None only when
             ``failed=True`` (a failed trial's features, if given, may hold NaN/inf).
           value: the validation loss V(θ), finite (for a failed trial: None or anything).
-          lam: the λ trained with (optional; known anyway when ``id`` is given). Any finite λ is
-            accepted — an imported result may come from outside the constraint.
+          lam: the λ trained with (optional; known anyway when ``id`` is given). It must be finite,
+            and nonnegative wherever the study's constraint requires λ_i >= 0 (a ValueError
+            naming the component otherwise). Otherwise an imported result may come from outside
+            the constraint: a λ off only by scale from the fixed components (e.g. data = 2 where
+            data is fixed at 1) is the same trained model as its rescaled λ and is accepted as
+            told (the recommender sees it rescaled), and so is one outside a box.
           id: the id of a pending suggestion from :meth:`ask` (each is told exactly once).
           failed: the training failed or diverged: recorded, never used by the model.
 
@@ -291,6 +327,11 @@ class Study:
                 features = as_vector(features, k, "features", names)
         if lam is not None:
             lam = as_vector(lam, k, "lam", names)
+            bound = meta.bound if meta is not None else self._bind(k, names)
+            i = negative_lam(lam, bound)
+            if i is not None:
+                raise ValueError(f"lam: {negative_lam_problem(lam, i, bound)}; nothing was "
+                                 "stored")
         if meta is None:
             self._create(k)
         state = "failed" if failed else "complete"
@@ -311,7 +352,8 @@ class Study:
     def tell_file(self, path: "str | os.PathLike[str]") -> List[int]:
         """Tells every row of a CSV / JSON Lines observations file (see
         :mod:`lossopt.blackbox.files`) at once: all rows are checked first, then stored in one
-        transaction, so a bad file stores nothing. Returns the new trial ids."""
+        transaction, so a bad file stores nothing (a λ told in ``lam_`` columns is checked as in
+        :meth:`tell`). Returns the new trial ids."""
         meta = self._meta or self._storage.load_meta()
         obs = read_observations(path, names=None if meta is None else meta.names)
         if self._meta is None:
@@ -321,10 +363,13 @@ class Study:
                 if self._names_arg is not None and set(self._names_arg) != set(obs.names):
                     raise ValueError(f"{path}: feature columns {list(obs.names)} do not match "
                                      f"names {list(self._names_arg)}")
-                if self._names_arg is None:
-                    self._names_arg = obs.names
+                names = self._names_arg if self._names_arg is not None else obs.names
+                if tuple(names) != obs.names:
+                    obs = read_observations(path, names=names)
+                check_told_lams(obs, self._bind(obs.k, names))  # before the study is created
+                self._names_arg = tuple(names)
                 self._create(obs.k)
-                obs = read_observations(path, names=self._meta.names)
+        check_told_lams(obs, self._meta.bound)
         rows = [("failed" if bad else "complete", lam, f, v) for f, v, lam, bad in obs.rows()]
         return self._storage.add(rows)
 
@@ -395,4 +440,5 @@ def _failed_features(features: Any, k: int, names: Sequence[str]) -> np.ndarray:
     return arr
 
 
-__all__ = ["MAX_K", "Study", "Suggestion", "Trial", "next_lams", "probabilities"]
+__all__ = ["MAX_K", "Study", "Suggestion", "Trial", "check_told_lams", "next_lams",
+           "probabilities"]
