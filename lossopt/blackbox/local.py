@@ -41,16 +41,15 @@ MAX_RADIUS = 4.0
 MIN_RADIUS = 2e-3
 
 
-def trust_radius(X: np.ndarray, i0: int, d: int, ord=None, initial: float = INITIAL_RADIUS,
-                 largest: float = MAX_RADIUS) -> float:
+def trust_radius(X: np.ndarray, i0: int, d: int) -> float:
     """Δ from the observations alone (rows in the order observed): twice the distance from the
     incumbent x0 to the nearest earlier point (the step that found it; ``INITIAL_RADIUS`` if it
     came first), clipped to ``MAX_RADIUS``, halved for every max(2, d/2) later points within that
     distance of x0 (failed steps around it)."""
     x0 = X[i0]
-    dist = np.linalg.norm(X - x0, ord=ord, axis=1)
+    dist = np.linalg.norm(X - x0, axis=1)
     earlier = dist[:i0][dist[:i0] > 1e-9]
-    base = min(largest, 2 * earlier.min()) if earlier.size else initial
+    base = min(MAX_RADIUS, 2 * earlier.min()) if earlier.size else INITIAL_RADIUS
     later = dist[i0 + 1:]
     fails = int(np.sum((later > 1e-9) & (later <= 1.01 * base)))
     return base * 0.5 ** (fails // max(2, d // 2))
@@ -189,8 +188,8 @@ def lp_region(lams: np.ndarray, values: np.ndarray, bound: BoundConstraint,
     """The feasible set intersected with a box in log-λ around the incumbent (the best observation
     whose λ is known): |λ_j| within a factor exp(±R) of the incumbent's for every free component
     whose sign is fixed (a component at 0 may grow up to a tenth of its typical magnitude times
-    exp(R)); components with a free sign keep their bounds. R is the trust radius (see
-    ``trust_radius``) clipped to [min_radius, max_radius]: it grows when a step moves the
+    exp(R)); components with a free sign keep their bounds. R is the trust radius replayed
+    from the observations (``replay_radius``) within [min_radius, max_radius]: it grows when a step moves the
     incumbent far and shrinks after failed steps around it; ``shrink`` halves it that many times
     more (None once below min_radius). None when no λ is known.
 

@@ -149,22 +149,22 @@ def _fit(F, v, bound, lams, values):
     if fit.slack <= FIT_TRUST * max(float(np.sum(v.max() - v)), 1e-300):
         return fit, none
 
-    def solve(shrink):
-        region = lp_region(lams, values, bound, LP_RADIUS, LP_MIN_RADIUS, LP_MAX_RADIUS, shrink)
-        local = learn_linreg(F, v, region) if region is not None else None
+    def solve(region):
+        local = learn_linreg(F, v, region)
         return None if local is None else local._replace(
             lam=normalize(_feasible(local.lam, bound), bound))
 
     def smaller():
         for shrink in range(1, 8):
-            if lp_region(lams, values, bound, LP_RADIUS, LP_MIN_RADIUS, LP_MAX_RADIUS,
-                         shrink) is None:
+            region = lp_region(lams, values, bound, LP_RADIUS, LP_MIN_RADIUS, LP_MAX_RADIUS, shrink)
+            if region is None:
                 return
-            out = solve(shrink)
+            out = solve(region)
             if out is not None:
                 yield out.lam
 
-    local = solve(0)
+    region = lp_region(lams, values, bound, LP_RADIUS, LP_MIN_RADIUS, LP_MAX_RADIUS)
+    local = solve(region) if region is not None else None
     return (fit, none) if local is None else (local, smaller)
 
 
